@@ -1,0 +1,76 @@
+"""Task relevance: modular criteria from per-token relevance scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import MissingSignalError
+from ..registry import criteria
+from .base import ModularCriterion, Tags
+
+SOURCES = ("given", "text_similarity")
+
+
+@criteria.register("relevance")
+@dataclass(frozen=True, kw_only=True)
+class Relevance(ModularCriterion):
+    """Task relevance, ``f(S) = Σ_{i∈S} r_i``.
+
+    .. math:: r_i = \\text{given scores} \\quad\\text{or}\\quad r_i = \\max_{t} \\cos(h_i, e_t)
+
+    Parameters
+    ----------
+    source : {"given", "text_similarity"}
+        ``"given"`` reads ``ctx.relevance`` (``[B, N]``: [CLS] attention, text-rater attention, ...).
+        ``"text_similarity"`` computes the cosine similarity of each visual token to the text
+        embeddings (``ctx.text_embeddings`` ``[B, T, D]``), reduced over valid text tokens by ``reduce``.
+    reduce : {"max", "mean"}
+        Reduction over text tokens for ``"text_similarity"``.
+
+    Raises
+    ------
+    MissingSignalError
+        The needed signal is absent.
+
+    Notes
+    -----
+    Modular (hence submodular); gains never change, so top-k selection is exact. ``O(B N)`` for
+    given scores, ``O(B N T D)`` for text similarity.
+
+    References
+    ----------
+    TOPS, arXiv:2606.27161 (task relevance); CDPruner, arXiv:2506.10967 (instruction relevance).
+    """
+
+    tags: ClassVar[Tags] = Tags(modular=True, submodular=True, requires=frozenset({"relevance"}))
+    source: str = "given"
+    reduce: str = "max"
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+
+    def check(self, ctx):
+        need = "relevance" if self.source == "given" else "text_embeddings"
+        if ctx.get_signal(need) is None:
+            raise MissingSignalError(f"Relevance(source={self.source!r}) needs ctx.{need}, which was not given")
+
+    def scores(self, ctx) -> torch.Tensor:
+        if self.source == "given":
+            return ctx.relevance
+        return text_similarity(ctx, self.reduce)
+
+
+def text_similarity(ctx, reduce: str = "max") -> torch.Tensor:
+    """float32 ``[B, N]`` cosine similarity of visual tokens to the valid text embeddings, reduced over text."""
+    t = torch.nn.functional.normalize(ctx.text_embeddings.float(), dim=-1)
+    sim = torch.bmm(ctx.unit_features, t.transpose(1, 2))  # [B, N, T]
+    tm = ctx.text_mask[:, None, :]
+    if reduce == "max":
+        return sim.masked_fill(~tm, float("-inf")).amax(-1).masked_fill(~ctx.mask, 0.0)
+    return (sim * tm).sum(-1) / tm.sum(-1).clamp_min(1)

@@ -1,0 +1,142 @@
+"""The selector contract: optimise an objective over visual tokens under a budget."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..budget import as_budget
+from ..context import TokenContext
+from ..criteria.base import Criterion
+from ..errors import ConfigError, IncompatibleComponentsError
+from ..selection import Selection, from_order
+
+
+class Selector(ABC):
+    """Base class of every selector.
+
+    Subclasses are ``@dataclass(frozen=True, kw_only=True)`` holding only parameters, and implement
+    :meth:`_select`. :meth:`select` validates the budget and the objective first.
+
+    Attributes
+    ----------
+    needs_objective : bool
+        False for selectors that ignore the objective (random, pooling).
+    objective_types : tuple of type
+        Criterion types the selector accepts (empty: any criterion).
+    """
+
+    needs_objective: ClassVar[bool] = True
+    objective_types: ClassVar[tuple] = ()
+
+    def select(self, objective: Criterion | None, ctx: TokenContext, budget) -> Selection:
+        """Keep ``min(budget, valid)`` tokens per sample.
+
+        Parameters
+        ----------
+        objective : Criterion or None
+            What to maximise (``None`` only for selectors with ``needs_objective = False``).
+        ctx : TokenContext
+            The tokens and signals.
+        budget : int, float or Budget
+            Tokens kept (int) or fraction kept (float in (0, 1]).
+
+        Returns
+        -------
+        Selection
+            ``indices`` long ``[B, K]`` with ``K = max_b min(budget, valid_b)``, ascending.
+
+        Raises
+        ------
+        BudgetError
+            Invalid budget.
+        IncompatibleComponentsError
+            Objective missing, or of a type this selector cannot optimise.
+        MissingSignalError
+            The objective needs a signal the context lacks.
+        """
+        budget = as_budget(budget)
+        self.check_objective(objective)
+        if objective is not None:
+            objective.check(ctx)
+        k = budget.resolve_batch(ctx.n_valid)
+        return self._select(objective, ctx, k)
+
+    def check_objective(self, objective) -> None:
+        if objective is None and self.needs_objective:
+            raise IncompatibleComponentsError(f"{type(self).__name__} needs an objective (a Criterion)")
+        if objective is not None and self.objective_types and not isinstance(objective, self.objective_types):
+            names = ", ".join(t.__name__ for t in self.objective_types)
+            raise IncompatibleComponentsError(f"{type(self).__name__} optimises only {names} objectives, "
+                                              f"got {type(objective).__name__}")
+
+    @abstractmethod
+    def _select(self, objective: Criterion | None, ctx: TokenContext, k: torch.Tensor) -> Selection:
+        """Select ``k[b]`` (long ``[B]``, ``1 <= k[b] <= valid_b``) tokens in each row."""
+
+    def to_config(self) -> dict:
+        from ..registry import selectors
+
+        name = selectors.name_of(self)
+        if name is None:
+            raise ConfigError(f"{type(self).__name__} is not registered; register it with "
+                              "tokenprune.register_selector")
+        return {"name": name, "params": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+def selector_from_config(cfg) -> Selector:
+    from ..registry import selectors
+
+    if isinstance(cfg, str):
+        return selectors.get(cfg)()
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise ConfigError(f"a selector config is a dict with a 'name', got {cfg!r}")
+    try:
+        return selectors.get(cfg["name"])(**cfg.get("params", {}))
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for selector {cfg['name']!r}: {exc}") from None
+
+
+def as_selector(obj) -> Selector:
+    if isinstance(obj, Selector):
+        return obj
+    if isinstance(obj, (str, dict)):
+        return selector_from_config(obj)
+    raise IncompatibleComponentsError(f"expected a Selector, a registered selector name or a config dict, "
+                                      f"got {type(obj).__name__}")
+
+
+def greedy_loop(objective: Criterion, ctx: TokenContext, k: torch.Tensor, pick=None) -> Selection:
+    """Plain batched greedy: ``K = max(k)`` steps, each adding the candidate with the largest gain.
+
+    ``pick(gains, candidates, step) -> long [B]`` chooses among candidates (default: argmax; ties go
+    to the lowest index). Rows stop once they hold ``k[b]`` tokens. ``O(K)`` calls of
+    ``objective.gains``.
+    """
+    B, N = ctx.mask.shape
+    K = int(k.max())
+    state = objective.prepare(ctx)
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
+    order = torch.zeros(B, K, dtype=torch.long, device=ctx.device)
+    gains_out = torch.zeros(B, K, dtype=torch.float32, device=ctx.device)
+    valid = torch.arange(K, device=ctx.device)[None] < k[:, None].to(ctx.device)
+    rows = torch.arange(B, device=ctx.device)
+    neg = torch.tensor(float("-inf"), device=ctx.device)
+    for step in range(K):
+        candidates = ctx.mask & ~chosen
+        g = objective.gains(ctx, state, candidates).float()
+        if pick is None:
+            idx = torch.where(candidates, g, neg).argmax(1)
+        else:
+            idx = pick(g, candidates, step)
+        active = valid[:, step]
+        order[:, step] = idx
+        gains_out[:, step] = g[rows, idx]
+        chosen[rows[active], idx[active]] = True
+        state = objective.update(ctx, state, idx, active)
+    return from_order(order, gains_out, valid)
+
+

@@ -1,0 +1,39 @@
+"""Top-k: exact for modular objectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import selectors
+from ..selection import from_order
+from .base import Selector
+
+
+@selectors.register("topk")
+@dataclass(frozen=True, kw_only=True)
+class TopK(Selector):
+    """Keep the ``k`` tokens with the largest gains on the empty set.
+
+    Exact for modular objectives (relevance scores); for other objectives it ranks tokens by their
+    gain alone (e.g. FastV's attention top-k). Ties go to the lower index. ``O(N log N)`` per sample.
+
+    Parameters
+    ----------
+    largest : bool
+        ``False`` keeps the smallest gains instead (ReverseFastV).
+    """
+
+    largest: bool = True
+
+    def _select(self, objective, ctx, k):
+        state = objective.prepare(ctx)
+        g = objective.gains(ctx, state, ctx.mask).float()
+        key = g if self.largest else -g
+        key = key.masked_fill(~ctx.mask, float("-inf"))
+        K = int(k.max())
+        # stable descending sort: ties keep the lower index first
+        idx = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :K]
+        valid = torch.arange(K, device=ctx.device)[None] < k[:, None].to(ctx.device)
+        return from_order(idx, torch.gather(g, 1, idx), valid)

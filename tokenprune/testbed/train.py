@@ -1,0 +1,318 @@
+"""Train the testbed model from scratch on generated scenes, on a CPU, under a wall-clock budget.
+
+Run ``python -m tokenprune.testbed.train --minutes 80 --out tokenprune/testbed/checkpoint`` (or
+``tokenprune testbed train``). The recipe, each part of which was needed for the model to learn in
+about an hour of 2-core CPU time:
+
+1. a short vision-only stage: the [CLS] token predicts which (colour, shape) pairs are present (a
+   CLIP-like summary, which is also what makes [CLS] attention meaningful for pruning), and every
+   patch predicts the object covering it; both heads stay on as a small auxiliary loss afterwards;
+2. end-to-end VQA with several questions about one image in one sequence (loss on every answer);
+3. an object-count curriculum (1-3, then 1-5, then 2-6 objects);
+4. in the last part, "background dropping": in some batches the LLM sees only every object patch plus
+   random background patches, at their original positions, so answers do not depend on how many
+   background tokens there are (counting otherwise learns "share of object tokens" and breaks under
+   any pruning).
+
+The auxiliary heads are not part of the saved ``LlavaForConditionalGeneration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from . import scenes as S
+from .model import build_model, build_processor
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="tokenprune testbed train", description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=80.0, help="total wall-clock budget (both stages)")
+    p.add_argument("--stage1-minutes", type=float, default=6.0)
+    p.add_argument("--bgdrop-from", type=float, default=0.6,
+                   help="fraction of stage 2 after which background dropping is on")
+    p.add_argument("--bgdrop", default="196:0.4,96:0.3,48:0.3", help="image tokens kept : probability")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out evaluations")
+    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument("--compile", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="testbed_checkpoint")
+    return p.parse_args(argv)
+
+
+def patch_targets(batch_scenes, full_pixels=24):
+    """Per patch: 1 + combo of the object covering it (0 background, -100 ambiguous), and object centres."""
+    import torch
+
+    labels = np.zeros((len(batch_scenes), S.NUM_PATCHES), dtype=np.int64)
+    centres = np.zeros((len(batch_scenes), S.NUM_PATCHES), dtype=np.float32)
+    for i, sc in enumerate(batch_scenes):
+        for x, y, sz in sc.boxes:
+            cx = min(int(x + sz / 2) // S.PATCH_SIZE, S.GRID - 1)
+            cy = min(int(y + sz / 2) // S.PATCH_SIZE, S.GRID - 1)
+            centres[i, cy * S.GRID + cx] = 1.0
+        best, best_cover = sc.cover.argmax(0), sc.cover.max(0)
+        cls = np.array([1 + S.COLOR_NAMES.index(c) * len(S.SHAPES) + S.SHAPES.index(s) for c, s in sc.objects])
+        lab = cls[best]
+        lab[best_cover < full_pixels] = -100
+        lab[best_cover == 0] = 0
+        labels[i] = lab
+    return torch.from_numpy(labels), torch.from_numpy(centres)
+
+
+def scene_questions(rng, scene, max_questions=6):
+    """Several valid questions about one scene, one per family (two existence questions), shuffled."""
+    qs = [S.questions_for(rng, scene, f) for f in ("color", "shape", "exists", "exists", "count", "spatial")]
+    qs = [q for q in qs if q is not None]
+    return [qs[i] for i in rng.permutation(len(qs))][:max_questions]
+
+
+MAX_Q = 6
+MAX_Q_LEN = 10  # longest question (9 words) plus its answer
+SEQ_LEN = 1 + S.NUM_PATCHES + MAX_Q * MAX_Q_LEN
+
+
+def multi_batch(rng, backgrounds, n, lo, hi):
+    """Training batch: ``<s> <image>x196 q1 a1 q2 a2 ...`` right-padded, answer positions and answer ids."""
+    import torch
+
+    batch_scenes = [S.make_scene(rng, backgrounds, lo, hi) for _ in range(n)]
+    input_ids = torch.full((n, SEQ_LEN), S.PAD_ID, dtype=torch.long)
+    answer_pos = torch.zeros((n, MAX_Q), dtype=torch.long)
+    answers = torch.full((n, MAX_Q), -100, dtype=torch.long)
+    for i, sc in enumerate(batch_scenes):
+        ids = [S.BOS_ID] + [S.IMAGE_ID] * S.NUM_PATCHES
+        for j, q in enumerate(scene_questions(rng, sc)):
+            ids += [S.WORD_TO_ID[w] for w in q.words]
+            answer_pos[i, j] = len(ids) - 1
+            answers[i, j] = S.WORD_TO_ID[q.answer]
+            ids.append(S.WORD_TO_ID[q.answer])
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+    pv = torch.from_numpy(S.pixel_values(np.stack([s.image for s in batch_scenes])))
+    pres = torch.from_numpy(np.stack([S.presence(s) for s in batch_scenes]))
+    return dict(input_ids=input_ids, answer_pos=answer_pos, answers=answers, pixel_values=pv, presence=pres), \
+        batch_scenes
+
+
+def eval_batches(n, seed):
+    """Single-question held-out batches (seeds disjoint from training and from the shipped held-out set)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    bgs = S.make_backgrounds(200, seed=seed + 1)
+    fams = [S.FAMILIES[i % len(S.FAMILIES)] for i in range(n)]
+    out = []
+    for start in range(0, n, 50):
+        ex = [S.make_example(rng, bgs, f) for f in fams[start:start + 50]]
+        ids = [S.prompt_ids(q.words) for _, q in ex]
+        L = max(len(x) for x in ids)
+        input_ids = torch.full((len(ex), L), S.PAD_ID, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+        out.append(dict(
+            input_ids=input_ids,
+            last=torch.tensor([len(x) - 1 for x in ids]),
+            labels=torch.tensor([S.WORD_TO_ID[q.answer] for _, q in ex]),
+            family=np.array([S.FAMILIES.index(q.family) for _, q in ex]),
+            pixel_values=torch.from_numpy(S.pixel_values(np.stack([sc.image for sc, _ in ex]))),
+        ))
+    return out
+
+
+def cosine_lr(frac, base, warm=0.03, floor=0.05):
+    if frac < warm:
+        return base * max(frac / warm, 0.02)
+    f = (frac - warm) / (1 - warm)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(f, 1.0))))
+
+
+def main(argv=None):
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    budget = args.minutes * 60
+
+    def elapsed():
+        return time.time() - t0
+
+    def log(msg):
+        print(f"[{elapsed() / 60:6.2f} min] {msg}", flush=True)
+
+    rng = np.random.default_rng(args.seed)
+    backgrounds = S.make_backgrounds(1500, seed=args.seed + 1)
+    evals = eval_batches(args.eval_n, seed=50_000 + args.seed)
+    model = build_model(seed=args.seed)
+    vh = model.config.vision_config.hidden_size
+    cls_head = nn.Linear(vh, S.NUM_COMBOS)
+    patch_head = nn.Sequential(nn.LayerNorm(vh), nn.Linear(vh, S.NUM_COMBOS + 2))
+    base = model.model
+    tower = base.vision_tower
+    log(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; args {vars(args)}")
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def aux_losses(vout, presence, plab, pcen):
+        l_cls = F.binary_cross_entropy_with_logits(cls_head(vout.pooler_output).float(), presence)
+        po = patch_head(vout.last_hidden_state[:, 1:]).float()
+        l_patch = F.cross_entropy(po[..., : S.NUM_COMBOS + 1].reshape(-1, S.NUM_COMBOS + 1), plab.reshape(-1),
+                                  ignore_index=-100)
+        l_patch = l_patch + F.binary_cross_entropy_with_logits(po[..., -1], pcen, pos_weight=torch.tensor(10.0))
+        return l_cls + l_patch
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        correct = np.zeros(len(S.FAMILIES))
+        total = np.zeros(len(S.FAMILIES))
+        for b in evals:
+            with autocast():
+                feats = base.multi_modal_projector(tower(b["pixel_values"]).last_hidden_state[:, 1:])
+                emb = base.get_input_embeddings()(b["input_ids"])
+                emb = emb.masked_scatter((b["input_ids"] == S.IMAGE_ID)[..., None], feats.to(emb.dtype))
+                h = base.language_model(inputs_embeds=emb).last_hidden_state
+                pred = model.lm_head(h[torch.arange(h.shape[0]), b["last"]]).float().argmax(-1)
+            ok = (pred == b["labels"]).numpy()
+            for f in range(len(S.FAMILIES)):
+                correct[f] += ok[b["family"] == f].sum()
+                total[f] += (b["family"] == f).sum()
+        model.train()
+        return correct / np.maximum(total, 1), correct.sum() / total.sum()
+
+    def save(curve):
+        model.eval()
+        os.makedirs(args.out, exist_ok=True)
+        model.save_pretrained(args.out)
+        build_processor().save_pretrained(args.out)
+        with open(os.path.join(args.out, "training_curve.json"), "w") as fh:
+            json.dump(dict(args=vars(args), curve=curve, train_minutes=elapsed() / 60), fh, indent=1)
+        model.train()
+
+    # Stage 1: vision tower and auxiliary heads only.
+    s1 = args.stage1_minutes * 60
+    params1 = list(tower.parameters()) + list(cls_head.parameters()) + list(patch_head.parameters())
+    opt1 = torch.optim.AdamW(params1, lr=1.5e-3, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def stage1_loss(pv, pres, plab, pcen):
+        with autocast():
+            return aux_losses(tower(pv), pres, plab, pcen)
+
+    stage1 = torch.compile(stage1_loss) if args.compile else stage1_loss
+    step = 0
+    while elapsed() < s1:
+        for g in opt1.param_groups:
+            g["lr"] = cosine_lr(elapsed() / s1, 1.5e-3, warm=0.05, floor=0.1)
+        batch_scenes = [S.make_scene(rng, backgrounds) for _ in range(64)]
+        pv = torch.from_numpy(S.pixel_values(np.stack([s.image for s in batch_scenes])))
+        pres = torch.from_numpy(np.stack([S.presence(s) for s in batch_scenes]))
+        loss = stage1(pv, pres, *patch_targets(batch_scenes))
+        opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params1, 1.0)
+        opt1.step()
+        step += 1
+        if step % 25 == 0:
+            log(f"stage 1 step {step} aux loss {loss.item():.4f}")
+    del opt1
+
+    # Stage 2: end-to-end VQA.
+    vis_ids = {id(p) for p in tower.parameters()}
+    other = [p for p in model.parameters() if id(p) not in vis_ids]
+    aux = list(cls_head.parameters()) + list(patch_head.parameters())
+    opt = torch.optim.AdamW([
+        {"params": other, "mult": 1.0},
+        {"params": list(tower.parameters()), "mult": 0.5},
+        {"params": aux, "mult": 0.5},
+    ], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    all_params = [p for g in opt.param_groups for p in g["params"]]
+
+    def stage2_loss(input_ids, pv, answer_pos, answers, pres, plab, pcen, keep):
+        with autocast():
+            vout = tower(pv)
+            feats = base.multi_modal_projector(vout.last_hidden_state[:, 1:])
+            emb = base.get_input_embeddings()(input_ids)
+            B, K = keep.shape
+            kept = torch.gather(feats, 1, keep[..., None].expand(-1, -1, feats.shape[-1]))
+            seq = torch.cat([emb[:, :1], kept.to(emb.dtype), emb[:, 1 + S.NUM_PATCHES:]], 1)
+            n_text = input_ids.shape[1] - 1 - S.NUM_PATCHES
+            pos = torch.cat([torch.zeros(B, 1, dtype=torch.long), 1 + keep,
+                             (1 + S.NUM_PATCHES + torch.arange(n_text))[None].expand(B, -1)], 1)
+            h = base.language_model(inputs_embeds=seq, position_ids=pos,
+                                    attention_mask=torch.ones(B, seq.shape[1], dtype=torch.long)).last_hidden_state
+            idx = torch.where(answer_pos > S.NUM_PATCHES, answer_pos - S.NUM_PATCHES + K, 0)
+            lg = model.lm_head(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))).float()
+            lg = lg.reshape(-1, lg.shape[-1])
+            l_ans = F.cross_entropy(lg, answers.reshape(-1), ignore_index=-100)
+            return l_ans + 0.3 * aux_losses(vout, pres, plab, pcen), l_ans, lg
+
+    stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
+    bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
+    drop_p = np.array([p for _, p in bgdrop]) / sum(p for _, p in bgdrop)
+    curriculum = [(0.15, (1, 3)), (0.35, (1, 5)), (1.0, (2, 6))]
+    t2 = elapsed()
+    s2 = budget - t2
+    curve, hist = [], []
+    next_eval = t2 + args.eval_every * 60
+    step = 0
+    while elapsed() < budget:
+        frac = (elapsed() - t2) / s2
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(frac, args.lr) * g["mult"]
+        lo, hi = next(r for f, r in curriculum if frac <= f)
+        b, batch_scenes = multi_batch(rng, backgrounds, args.batch_size, lo, hi)
+        plab, pcen = patch_targets(batch_scenes)
+        k = S.NUM_PATCHES
+        if frac >= args.bgdrop_from:
+            k = bgdrop[rng.choice(len(bgdrop), p=drop_p)][0]
+        if k < S.NUM_PATCHES:
+            keep = []
+            for sc in batch_scenes:
+                cov = sc.cover.sum(0)
+                prio = np.where(cov > 0, 1e6 + cov, 0.0) + rng.random(S.NUM_PATCHES)
+                keep.append(np.sort(np.argsort(-prio)[:k]))
+            keep = torch.from_numpy(np.stack(keep)).long()
+        else:
+            keep = torch.arange(S.NUM_PATCHES)[None].expand(args.batch_size, -1).contiguous()
+        loss, l_ans, lg = stage2(b["input_ids"], b["pixel_values"], b["answer_pos"], b["answers"], b["presence"],
+                                 plab, pcen, keep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(all_params, 1.0)
+        opt.step()
+        step += 1
+        lab = b["answers"].reshape(-1)
+        valid = lab >= 0
+        hist.append((l_ans.item(), (lg.argmax(-1) == lab)[valid].float().mean().item()))
+        if step % 20 == 0:
+            a = np.mean(hist[-20:], 0)
+            log(f"stage 2 step {step} answer loss {a[0]:.4f} train acc {a[1]:.3f} lr {opt.param_groups[0]['lr']:.2e}")
+        if elapsed() >= next_eval:
+            per, acc = evaluate()
+            curve.append(dict(minutes=elapsed() / 60, step=step, accuracy=acc, per_family=per.tolist()))
+            log(f"EVAL step {step} accuracy {acc:.3f} " + str(dict(zip(S.FAMILIES, np.round(per, 3)))))
+            save(curve)
+            next_eval = elapsed() + args.eval_every * 60
+    per, acc = evaluate()
+    curve.append(dict(minutes=elapsed() / 60, step=step, accuracy=acc, per_family=per.tolist()))
+    log(f"FINAL accuracy {acc:.3f} " + str(dict(zip(S.FAMILIES, np.round(per, 3)))))
+    save(curve)
+    log(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
