@@ -67,3 +67,11 @@ class StageError(TokenPruneError, ValueError):
 
 class PluginWarning(UserWarning):
     """A plugin failed to load, or registered a name that was already taken. tokenprune keeps working."""
+
+
+class ImageError(TokenPruneError, OSError):
+    """An image file is missing or cannot be read as an image."""
+
+
+class DatasetError(TokenPruneError, ValueError):
+    """An evaluation data file is malformed: bad JSON, or a line missing a field (the message names the line)."""
