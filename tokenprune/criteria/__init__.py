@@ -2,7 +2,9 @@
 
 from .base import Criterion, ModularCriterion, Tags, WeightedSum, criterion_from_config, normalize_gains
 from .coverage import Coverage
+from .diversity import Diversity, LogDet
 from .relevance import Relevance
+from .tops import TOPSObjective
 
 __all__ = ["Criterion", "ModularCriterion", "Tags", "WeightedSum", "criterion_from_config", "normalize_gains",
-           "Coverage", "Relevance"]
+           "Coverage", "Diversity", "LogDet", "Relevance", "TOPSObjective"]

@@ -1,7 +1,13 @@
 """Selectors: optimisers of a criterion under a token budget."""
 
 from .base import Selector, greedy_loop, selector_from_config
+from .dpp import DPPMap
+from .facility import FacilityLocationGreedy
 from .greedy import Greedy
+from .maxmin import MaxMin
+from .random import Random
+from .spatial import Pooling, WindowTopK
 from .topk import TopK
 
-__all__ = ["Selector", "greedy_loop", "selector_from_config", "Greedy", "TopK"]
+__all__ = ["Selector", "greedy_loop", "selector_from_config", "Greedy", "TopK", "DPPMap",
+           "FacilityLocationGreedy", "MaxMin", "Random", "Pooling", "WindowTopK"]

@@ -27,10 +27,14 @@ class Selector(ABC):
         False for selectors that ignore the objective (random, pooling).
     objective_types : tuple of type
         Criterion types the selector accepts (empty: any criterion).
+    exact_budget : bool
+        True when the selector keeps exactly ``min(budget, valid)`` tokens per sample; False for
+        selectors that may keep fewer (pooling to a grid that fits the budget).
     """
 
     needs_objective: ClassVar[bool] = True
     objective_types: ClassVar[tuple] = ()
+    exact_budget: ClassVar[bool] = True
 
     def select(self, objective: Criterion | None, ctx: TokenContext, budget) -> Selection:
         """Keep ``min(budget, valid)`` tokens per sample.

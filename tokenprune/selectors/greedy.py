@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
+
+from ..errors import IncompatibleComponentsError
 from ..registry import selectors
+from ..selection import Selection, from_order
 from .base import Selector, greedy_loop
+
+_NEG = float("-inf")
+#: Candidates re-evaluated per round of lazy greedy (doubled, then quadrupled, while a round is inconclusive).
+LAZY_BLOCK = 16
 
 
 @selectors.register("greedy")
@@ -16,20 +27,183 @@ class Greedy(Selector):
     Parameters
     ----------
     lazy : bool
-        Lazy evaluation (Minoux 1978): for criteria tagged submodular, keep stale gains as upper bounds
-        and re-evaluate only the best candidates. Same picks as plain greedy (up to ties).
+        Lazy evaluation (Minoux 1978) for criteria whose gains never increase as ``S`` grows
+        (``tags.nonincreasing_gains``: submodular criteria, :class:`~tokenprune.criteria.Diversity`).
+        Each token's last computed gain is an upper bound of its current gain; each step re-evaluates
+        only the ``16`` candidates with the largest bounds (through ``Criterion.gains_at``, ``O(M N)``
+        for facility location) and stops as soon as the best fresh gain beats every remaining bound.
+        It picks exactly what plain greedy picks, ties included (lowest index).
     stochastic : float or None
-        Stochastic greedy (Mirzasoleiman et al., AAAI 2015) with this ε in (0, 1): each step looks at
-        a random sample of ``(N / K) log(1 / ε)`` candidates. Seeded by the context's seed.
+        Stochastic greedy (Mirzasoleiman et al. 2015) with this ``ε`` in (0, 1): each step evaluates a
+        uniform sample of ``ceil((n / k) log(1 / ε))`` of the remaining candidates (``n`` valid
+        tokens, ``k`` budget, per sample) and adds the best. Expected ``(1 - 1/e - ε)`` approximation
+        for monotone submodular criteria; works with any criterion. Seeded by ``ctx.seed``.
+
+    Raises
+    ------
+    ValueError
+        ``stochastic`` outside (0, 1), or both ``lazy`` and ``stochastic``.
+    IncompatibleComponentsError
+        ``lazy=True`` with a criterion whose gains may increase (e.g. TOPS's normalised score).
 
     Notes
     -----
-    ``O(K)`` gain evaluations; for monotone submodular criteria a ``(1 - 1/e)`` approximation.
-    Greedy has the prefix property: the first ``k`` picks of a run at budget ``K`` are the run at ``k``.
+    Plain greedy makes ``K`` calls of ``objective.gains`` (``O(K N²)`` for facility location, ``O(K N)``
+    for TOPS with its incremental coverage, after the GEMM). For monotone submodular criteria greedy
+    is a ``(1 - 1/e)`` approximation (Nemhauser et al. 1978). Greedy has the prefix property: the
+    first ``k`` picks of a run at budget ``K`` are the run at ``k``. Ties go to the lowest index.
+    Rows of a batch are independent; padding is never picked.
+
+    References
+    ----------
+    Minoux, "Accelerated greedy algorithms for maximizing submodular set functions", 1978.
+    Mirzasoleiman et al., "Lazier than lazy greedy", AAAI 2015, arXiv:1409.7938.
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.criteria import Coverage
+    >>> ctx = tp.make_context(torch.randn(2, 32, 8))
+    >>> a = Greedy().select(Coverage(), ctx, 5)
+    >>> b = Greedy(lazy=True).select(Coverage(), ctx, 5)
+    >>> bool((a.order == b.order).all())
+    True
     """
 
     lazy: bool = False
     stochastic: float | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.lazy, bool):
+            raise ValueError(f"lazy must be a bool, got {self.lazy!r}")
+        if self.stochastic is not None:
+            eps = self.stochastic
+            if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < float(eps) < 1.0:
+                raise ValueError(f"stochastic must be None or an epsilon in (0, 1), got {eps!r}")
+            if self.lazy:
+                raise ValueError("choose lazy=True or stochastic=eps, not both")
+
+    def check_objective(self, objective) -> None:
+        super().check_objective(objective)
+        if self.lazy and not objective.tags.nonincreasing_gains:
+            raise IncompatibleComponentsError(
+                f"Greedy(lazy=True) needs gains that never increase as the kept set grows (a submodular "
+                f"criterion); {type(objective).__name__} does not declare tags.nonincreasing_gains")
+
     def _select(self, objective, ctx, k):
-        return greedy_loop(objective, ctx, k)
+        with torch.no_grad():
+            if self.stochastic is not None:
+                return _stochastic_greedy(objective, ctx, k, float(self.stochastic))
+            if self.lazy:
+                state = [objective.prepare(ctx)]
+                first = objective.gains(ctx, state[0], ctx.mask).float()
+
+                def evaluate(index):
+                    return objective.gains_at(ctx, state[0], index).float()
+
+                def commit(picked, active):
+                    state[0] = objective.update(ctx, state[0], picked, active)
+
+                order, gains, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
+                return from_order(order, gains, valid)
+            return greedy_loop(objective, ctx, k)
+
+
+def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, mask: torch.Tensor,
+                     k: torch.Tensor, block: int = LAZY_BLOCK):
+    """Batched lazy greedy over stale upper bounds; exact (same picks as plain greedy, ties included).
+
+    Parameters
+    ----------
+    first : torch.Tensor
+        float ``[B, N]`` exact keys (gains) on the empty set.
+    evaluate : callable
+        ``evaluate(index long [B, M]) -> float [B, M]``: the current keys of those tokens. Keys must
+        never increase as picks are committed.
+    commit : callable
+        ``commit(picked long [B], active bool [B])``: add the picks to ``S`` in the active rows.
+    mask : torch.Tensor
+        bool ``[B, N]`` valid tokens.
+    k : torch.Tensor
+        long ``[B]`` picks per row.
+
+    Returns
+    -------
+    order long ``[B, K]``, keys float ``[B, K]`` at each pick, valid bool ``[B, K]``.
+
+    Notes
+    -----
+    Each round evaluates the ``M`` largest stale bounds; the round is conclusive for a row when the
+    best fresh key is strictly larger than the ``(M+1)``-th bound (then no unevaluated token can
+    reach or tie it), or when every candidate was evaluated. The pick is the lowest index among the
+    evaluated tokens with the best key. One host sync per round.
+    """
+    B, N = mask.shape
+    device = mask.device
+    K = int(k.max())
+    u = first.masked_fill(~mask, _NEG)  # stale upper bounds; -inf for padding and picked tokens
+    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
+    k_list = k.tolist()
+    n_min = int(mask.sum(1).min())
+    all_active_upto = min(k_list)  # steps at which every row is still active
+    orders, keys = [], []
+    for t in range(K):
+        active = valid[:, t]
+        if t == 0:
+            best, pick = u.max(1)
+        else:
+            m = block
+            while True:
+                mq = min(m, N)
+                vals, idx = u.topk(min(mq + 1, N), dim=1)
+                cand, cand_pos = idx[:, :mq].sort(1)
+                g = evaluate(cand)
+                if n_min - t < mq + 1:  # some rows have fewer candidates than evaluated tokens
+                    g = g.masked_fill(vals[:, :mq].gather(1, cand_pos) == _NEG, _NEG)
+                best, arg = g.max(1)  # first maximum: the lowest index among ties
+                if mq >= N:
+                    break
+                thresh = vals[:, mq]
+                ok = best > thresh
+                if t >= all_active_upto or n_min - t <= mq:
+                    ok = ok | ~active | (thresh == _NEG)
+                if bool(ok.all()):
+                    break
+                m *= 4
+            pick = cand.gather(1, arg[:, None]).squeeze(1)
+            u.scatter_(1, cand, g)
+        u.scatter_(1, pick[:, None], _NEG)
+        orders.append(pick)
+        keys.append(best)
+        commit(pick, active)
+    return torch.stack(orders, 1), torch.stack(keys, 1), valid
+
+
+def _stochastic_greedy(objective, ctx, k, eps: float) -> Selection:
+    B, N = ctx.mask.shape
+    device = ctx.device
+    K = int(k.max())
+    n = ctx.n_valid.to(device)
+    size = torch.ceil(n.double() / k.to(device).clamp_min(1).double() * math.log(1.0 / eps)).long()
+    size = torch.minimum(size.clamp_min(1), n)  # per-row sample size
+    s_max = int(size.max())
+    slots = torch.arange(s_max, device=device)[None] < size[:, None]
+    gen = ctx.generator(offset=7919)
+    cand = ctx.mask.clone()
+    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
+    state = objective.prepare(ctx)
+    orders, gains = [], []
+    for t in range(K):
+        active = valid[:, t]
+        noise = torch.rand(B, N, generator=gen).to(device)
+        vals, sample = noise.masked_fill(~cand, -1.0).topk(s_max, dim=1)
+        sample, pos = sample.sort(1)
+        ok = slots.gather(1, pos) & (vals.gather(1, pos) >= 0)
+        g = objective.gains_at(ctx, state, sample, cand).float().masked_fill(~ok, _NEG)
+        best, arg = g.max(1)
+        pick = sample.gather(1, arg[:, None]).squeeze(1)
+        cand.scatter_(1, pick[:, None], ~active[:, None] & cand.gather(1, pick[:, None]))
+        orders.append(pick)
+        gains.append(best)
+        state = objective.update(ctx, state, pick, active)
+    return from_order(torch.stack(orders, 1), torch.stack(gains, 1), valid)

@@ -1,0 +1,186 @@
+"""The TOPS greedy score: task relevance + information coverage + semantic diversity, normalised per step."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MissingSignalError
+from ..registry import criteria
+from ._kernels import coverage_sums, fixed_point_similarity, gather_row, gather_rows
+from .base import NORMALIZATIONS, Criterion, Tags, normalize_gains
+from .coverage import Coverage
+from .diversity import Diversity
+from .relevance import SOURCES, Relevance
+
+#: Fixed-point "similarity" of tokens outside the candidate pool U (kept or padding): above every Fq.
+_OUT = 2 ** 30
+#: Incremental coverage update falls back to the direct formula when more than this fraction of
+#: columns changed (the first picks): the direct pass is then cheaper than gathering columns.
+_DENSE_FRACTION = 1.0 / 3.0
+
+
+@criteria.register("tops_objective")
+@dataclass(frozen=True, kw_only=True)
+class TOPSObjective(Criterion):
+    """TOPS's per-step greedy score over the visual tokens.
+
+    On the empty set the gain is the relevance, so the first pick is ``argmax_i r_i`` (the paper's
+    ``S_1``). Afterwards, for each candidate ``i ∈ U = V \\ S``,
+
+    .. math:: g_i = \\tilde r_i + \\lambda\\, \\tilde c_i(U) + \\alpha\\, \\tilde d_i(S), \\qquad
+              c_i(U) = \\sum_{j \\in U} \\max(0, F_{ij} - m_j), \\quad d_i = 1 - m_i,
+
+    with ``m_j = max(0, max_{s∈S} F_sj)`` shared by coverage and diversity, ``F`` the cosine
+    similarity and ``~`` a normalisation over the current candidates.
+
+    Parameters
+    ----------
+    coverage_weight : float
+        ``λ >= 0`` (0.5; the paper uses 0.4-1.0 by model and ratio, 0.5 before the LLM).
+    diversity_weight : float
+        ``α >= 0`` (0.5).
+    normalize : {"minmax", "mean", "none"}
+        Per-step normalisation of each term over the candidates: min-max to [0, 1] (the paper's main
+        text, default), division by the mean (its appendix algorithm), or none.
+    source : {"given", "text_similarity"}
+        Where the relevance comes from (see :class:`Relevance`): ``ctx.relevance`` ([CLS] or
+        text-rater attention) or the similarity to ``ctx.text_embeddings``.
+    reduce : {"max", "mean"}
+        Reduction over text tokens for ``source="text_similarity"``.
+    incremental : bool
+        ``True`` (default): keep ``c`` for every token and, after each pick, correct it only for the
+        columns ``j`` whose ``m_j`` changed. ``False``: recompute ``c`` from scratch each step (the
+        paper's ``O(N²)`` per step; kept as the reference the tests compare against).
+
+    Raises
+    ------
+    ValueError
+        Negative or non-finite weights, unknown ``normalize``, ``source`` or ``reduce``.
+    MissingSignalError
+        The relevance signal is absent.
+
+    Notes
+    -----
+    Tags: ``exact_gains=False`` (normalised per step), requires ``relevance`` (or ``text_embeddings``).
+
+    Complexity. The paper's coverage costs ``O(N)`` per candidate and step, ``O(K N²)`` per
+    selection. Here, after a pick ``i*`` only columns with ``F_{i*j} > m_j`` (plus ``i*`` itself,
+    which leaves ``U``) change, and
+
+    .. math:: c_i \\mathrel{-}= \\sum_{j\\ \\text{changed}} \\big[\\max(0, F_{ij} - m_j^{old}) -
+              \\max(0, F_{ij} - m_j^{new})\\big],
+
+    ``O(N · |changed|)`` per step. A column changes only when a pick covers it better than before,
+    which happens a few times per column over a selection (about ``ln K`` times for picks in random
+    order), so the whole selection costs ``O(N² log K)``-ish instead of ``O(K N²)``. The sums are
+    exact fixed-point integers (see :class:`Coverage`), so the incremental and direct scores, and the
+    selections, are bit-identical. One transposed copy of the similarity is kept (``O(N²)`` memory).
+
+    ``evaluate(S)`` returns ``Σ_{i∈S} r_i + λ·Coverage(S) + α·Diversity(S)`` (unnormalised); the
+    gains are not its marginals.
+
+    References
+    ----------
+    TOPS, arXiv:2606.27161 (greedy selection with normalised relevance, coverage and diversity).
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.criteria import TOPSObjective
+    >>> from tokenprune.selectors import Greedy
+    >>> ctx = tp.make_context(torch.randn(1, 16, 8), relevance=torch.rand(1, 16))
+    >>> Greedy().select(TOPSObjective(), ctx, 4).indices.shape
+    torch.Size([1, 4])
+    """
+
+    coverage_weight: float = 0.5
+    diversity_weight: float = 0.5
+    normalize: str = "minmax"
+    source: str = "given"
+    reduce: str = "max"
+    incremental: bool = True
+
+    def __post_init__(self):
+        for name in ("coverage_weight", "diversity_weight"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= float(w) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+
+    @property
+    def tags(self) -> Tags:  # type: ignore[override]
+        return Tags(exact_gains=False,
+                    requires=frozenset({"relevance" if self.source == "given" else "text_embeddings"}))
+
+    def _relevance(self) -> Relevance:
+        return Relevance(source=self.source, reduce=self.reduce)
+
+    def check(self, ctx):
+        need = "relevance" if self.source == "given" else "text_embeddings"
+        if ctx.get_signal(need) is None:
+            raise MissingSignalError(f"TOPSObjective(source={self.source!r}) needs ctx.{need}, which was not given")
+
+    def prepare(self, ctx):
+        self.check(ctx)
+        fq, scale = fixed_point_similarity(ctx)
+        r = self._relevance().scores(ctx).float().masked_fill(~ctx.mask, 0.0)
+        m = torch.where(ctx.mask, 0, _OUT).to(torch.int32)  # padding is never in U
+        return {"r": r, "fq": fq, "fqT": None, "scale": scale, "m": m, "c": None,
+                "size": torch.zeros(ctx.mask.shape[0], dtype=torch.long, device=ctx.device)}
+
+    def gains(self, ctx, state, candidates):
+        r = state["r"]
+        if state["c"] is None:
+            return r
+        scale = state["scale"]
+        c = state["c"].to(torch.float64) / scale
+        d = 1.0 - state["m"].to(torch.float64) / scale
+        mode = self.normalize
+        g = (normalize_gains(r.double(), candidates, mode)
+             + self.coverage_weight * normalize_gains(c, candidates, mode)
+             + self.diversity_weight * normalize_gains(d, candidates, mode))
+        return torch.where((state["size"] == 0)[:, None], r, g.float())
+
+    def update(self, ctx, state, picked, active):
+        fq, m_old = state["fq"], state["m"]
+        new = torch.maximum(m_old, gather_row(fq, picked))  # m_j <- max(m_j, F_{i* j})
+        new.scatter_(1, picked[:, None], _OUT)  # i* leaves U
+        m_new = torch.where(active[:, None], new, m_old)
+        out = {**state, "m": m_new, "size": state["size"] + active.long()}
+        c = state["c"]
+        if c is None or not self.incremental:
+            out["c"] = coverage_sums(fq, m_new)
+            return out
+        changed = m_new != m_old
+        n_changed = int(changed.sum(1).max())
+        if n_changed == 0:
+            return out
+        if n_changed > _DENSE_FRACTION * ctx.num_tokens:
+            out["c"] = coverage_sums(fq, m_new)
+            return out
+        fqT = state["fqT"]
+        if fqT is None:
+            fqT = out["fqT"] = fq.transpose(1, 2).contiguous()
+        # indices of the changed columns, padded per row with unchanged ones (whose delta is 0)
+        cols = changed.to(torch.uint8).topk(n_changed, dim=1, sorted=False).indices
+        mo, mn = m_old.gather(1, cols).unsqueeze(-1), m_new.gather(1, cols).unsqueeze(-1)
+        fc = gather_rows(fqT, cols)  # [B, C, N]: fc[b, k, i] = Fq[b, i, cols[b, k]]
+        delta = (fc - mo).clamp_min_(0).sub_((fc - mn).clamp_min_(0)).sum(1, dtype=torch.int32)
+        out["c"] = c - delta
+        return out
+
+    def evaluate(self, ctx, subset):
+        self.check(ctx)
+        s = subset & ctx.mask
+        r = self._relevance().scores(ctx).float().masked_fill(~ctx.mask, 0.0)
+        return ((r * s).sum(1) + self.coverage_weight * Coverage().evaluate(ctx, subset)
+                + self.diversity_weight * Diversity().evaluate(ctx, subset))

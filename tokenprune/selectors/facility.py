@@ -1,0 +1,100 @@
+"""Specialised greedy for facility-location coverage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..criteria._kernels import coverage_sums, fixed_point_similarity
+from ..criteria.coverage import Coverage
+from ..registry import selectors
+from ..selection import from_order
+from .base import Selector
+from .greedy import lazy_greedy_loop
+
+
+@selectors.register("facility_location_greedy")
+@dataclass(frozen=True, kw_only=True)
+class FacilityLocationGreedy(Selector):
+    """Fast exact greedy for :class:`~tokenprune.criteria.Coverage` (facility location).
+
+    Same picks, order and gains as ``Greedy()`` on ``Coverage()`` (ties included), without the
+    criterion-protocol overhead: the kept-set state is one int32 vector ``m`` updated in place, and
+    candidate gains are read from the fixed-point similarity rows.
+
+    Parameters
+    ----------
+    lazy : bool
+        ``True`` (default): lazy greedy with batched re-evaluation of the 16 most promising candidates
+        per round (``O(M N)`` per round; usually one round per step), exact because facility location
+        is submodular. ``False``: recompute all gains each step (``O(N²)`` per step; faster on GPUs,
+        where a few dense passes cost less than a host sync per step).
+
+    Raises
+    ------
+    IncompatibleComponentsError
+        The objective is not a :class:`~tokenprune.criteria.Coverage`.
+
+    Notes
+    -----
+    ``O(N²)`` for the first gains and ``O(K · rounds · M N)`` for the steps after the ``O(N² D)``
+    similarity GEMM (about 1/50 of the GEMM at N = 2880, D = 4096, K = 192; see
+    ``benchmarks/results_selectors.txt``). Batched over samples; padding never picked.
+
+    References
+    ----------
+    Minoux 1978 (lazy greedy); Nemhauser, Wolsey & Fisher 1978 (facility location is monotone
+    submodular); TOPS, arXiv:2606.27161 (information coverage).
+    """
+
+    objective_types: ClassVar[tuple] = (Coverage,)
+    lazy: bool = True
+
+    def _select(self, objective, ctx, k):
+        with torch.no_grad():
+            fq, scale = fixed_point_similarity(ctx)
+            B, N = ctx.mask.shape
+            m = torch.zeros(B, N, dtype=torch.int32, device=ctx.device)
+            first = coverage_sums(fq, m).to(torch.float32)
+            flat = fq.view(B * N, N)
+            offs = None if B == 1 else torch.arange(B, device=ctx.device).mul_(N)
+
+            def rows(index):
+                if offs is None:
+                    return flat.index_select(0, index.reshape(-1))
+                return flat.index_select(0, (index + (offs if index.dim() == 1 else offs[:, None])).reshape(-1))
+
+            def evaluate(index):
+                r = rows(index).view(B, index.shape[1], N)
+                return coverage_sums(r, m).to(torch.float32)
+
+            def commit(picked, active):
+                r = rows(picked)
+                if B > 1:
+                    r = torch.where(active[:, None], r, m)
+                torch.maximum(m, r, out=m)
+
+            if self.lazy:
+                order, keys, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
+            else:
+                order, keys, valid = _dense_loop(first, lambda: coverage_sums(fq, m).to(torch.float32),
+                                                 commit, ctx.mask, k)
+            return from_order(order, keys / scale, valid)
+
+
+def _dense_loop(first, gains_fn, commit, mask, k):
+    B, N = mask.shape
+    K = int(k.max())
+    valid = torch.arange(K, device=mask.device)[None] < k[:, None].to(mask.device)
+    taken = ~mask
+    orders, keys = [], []
+    for t in range(K):
+        g = first if t == 0 else gains_fn()
+        best, pick = g.masked_fill(taken, float("-inf")).max(1)
+        taken = taken.scatter(1, pick[:, None], True)
+        orders.append(pick)
+        keys.append(best)
+        commit(pick, valid[:, t])
+    return torch.stack(orders, 1), torch.stack(keys, 1), valid
