@@ -339,13 +339,14 @@ def presence(scene: Scene) -> np.ndarray:
     return out
 
 
-def held_out_set(n: int = 1000, seed: int = 12345):
+def held_out_set(n: int = 1000, seed: int = 12345, limit: int | None = None):
     """The fixed held-out evaluation set: ``n`` (scene, question) pairs, families in equal shares.
 
-    The backgrounds and the scenes come from seeds disjoint from training's.
+    The backgrounds and the scenes come from seeds disjoint from training's. ``limit`` returns only
+    the first ``limit`` pairs of that same set (generated without the rest).
     """
     rng = np.random.default_rng(seed)
     backgrounds = make_backgrounds(300, seed=seed + 1)
     families = [FAMILIES[i % len(FAMILIES)] for i in range(n)]
     families = [families[i] for i in rng.permutation(n)]
-    return [make_example(rng, backgrounds, f) for f in families]
+    return [make_example(rng, backgrounds, f) for f in families[:limit]]
