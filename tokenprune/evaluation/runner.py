@@ -1,0 +1,410 @@
+"""Run a model unpruned and under every (method, budget), and score it.
+
+The runner batches the questions, runs only the prefill when answers are one token (the answer is
+the argmax of the last position's logits) and ``generate`` otherwise, and applies each method with
+:func:`tokenprune.prune`, the same adapters a user gets. Per configuration it records accuracy,
+per-family accuracy, evidence recall, tokens per stage, equivalent tokens and prefill latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..budget import Budget
+from ..errors import BudgetError
+from .data import load_image
+from .models import build_prompt, image_grid, num_image_tokens
+from .vqa import vqa_accuracy
+
+__all__ = ["DEFAULT_BUDGETS", "parse_budget", "budget_label", "Evaluator", "ConfigResult", "resolve_methods"]
+
+#: Fractions of the image tokens kept at the TOPS paper's reductions (LLaVA-1.5: 128, 64 and 32 of
+#: 576 tokens, i.e. 77.8%, 88.9% and 94.4% removed).
+DEFAULT_BUDGETS = (128 / 576, 64 / 576, 32 / 576)
+
+_INT = re.compile(r"^[+]?\d+$")
+
+
+def parse_budget(value):
+    """Parse a budget given on the command line.
+
+    Parameters
+    ----------
+    value : str, int or float
+        A count (``"64"``: tokens kept), a fraction kept (``"0.25"``), or a percentage kept
+        (``"25%"``).
+
+    Returns
+    -------
+    int or float
+        An int >= 1 or a float in (0, 1].
+
+    Raises
+    ------
+    BudgetError
+        Anything else (text, zero, negative numbers, fractions above 1, percentages above 100).
+
+    Examples
+    --------
+    >>> parse_budget("64"), parse_budget("0.25"), parse_budget("12.5%")
+    (64, 0.25, 0.125)
+    """
+    if isinstance(value, bool):
+        raise BudgetError(f"budget {value!r} is not a count (int >= 1) or a fraction (float in (0, 1])")
+    if isinstance(value, (int, float)):
+        return Budget(value).value
+    s = str(value).strip()
+    try:
+        if s.endswith("%"):
+            v = float(s[:-1]) / 100.0
+            if not math.isfinite(v) or not 0.0 < v <= 1.0:
+                raise ValueError
+            return Budget(v).value
+        if _INT.match(s):
+            return Budget(int(s)).value
+        v = float(s)
+    except (ValueError, BudgetError):
+        raise BudgetError(f"budget {value!r} is not a count (an int >= 1, tokens kept) or a fraction kept "
+                          f"(a float in (0, 1], or a percentage such as '25%')") from None
+    try:
+        return Budget(v).value
+    except BudgetError as e:
+        raise BudgetError(f"budget {value!r}: {e}") from None
+
+
+def budget_label(budget) -> str:
+    """Short label: ``"64 tok"`` for counts, ``"-77.8%"`` (share of image tokens removed) for fractions."""
+    if budget is None:
+        return "100%"
+    if isinstance(budget, float):
+        return f"-{(1 - budget) * 100:.1f}%"
+    return f"{budget} tok"
+
+
+def resolve_methods(names) -> list:
+    """Validate method names (``None`` or ``["all"]``: every registered method, sorted).
+
+    Raises
+    ------
+    UnknownNameError
+        A name that is not registered (the message suggests close names).
+    """
+    import tokenprune as tp
+    from .. import registry
+
+    if names is None or list(names) == ["all"]:
+        return sorted(tp.list_methods())
+    out = []
+    for n in names:
+        registry.methods.get(n)  # raises UnknownNameError
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def build_method(name: str, budget, seed: int):
+    """``tp.get_method(name, budget=budget)``, passing ``seed`` to methods that take one."""
+    import tokenprune as tp
+    from .. import registry
+
+    factory = registry.methods.get(name)
+    params = {"budget": budget}
+    try:
+        sig = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        sig = {}
+    if "seed" in sig:
+        params["seed"] = seed
+    return tp.get_method(name, **params)
+
+
+@dataclass
+class StageStats:
+    """Tokens kept by one stage, averaged over the questions."""
+
+    label: str
+    layer: int | None
+    tokens: float
+
+
+@dataclass
+class ConfigResult:
+    """Everything measured for one configuration (one method at one budget, or unpruned)."""
+
+    method: str
+    budget: object
+    n_image_tokens: int
+    scores: np.ndarray
+    predictions: list
+    families: list
+    prefill_ms: list
+    stages: list = field(default_factory=list)
+    equivalent_tokens: float | None = None
+    recall_pre_llm: np.ndarray | None = None
+    recall_first_stage: np.ndarray | None = None
+    first_stage_label: str | None = None
+    selection_ms: float | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.scores)) if len(self.scores) else float("nan")
+
+    def family_accuracy(self) -> dict:
+        fams = sorted({f for f in self.families if f is not None})
+        arr = np.asarray(self.families, dtype=object)
+        return {f: float(np.mean(self.scores[arr == f])) for f in fams}
+
+    @property
+    def prefill_median_ms(self) -> float:
+        return float(np.median(self.prefill_ms)) if self.prefill_ms else float("nan")
+
+    @property
+    def nominal_tokens(self) -> int:
+        if self.budget is None:
+            return self.n_image_tokens
+        return Budget(self.budget).resolve(self.n_image_tokens)
+
+
+@dataclass
+class _Batch:
+    examples: list
+    inputs: dict
+    evidence: list
+
+
+def _nanmean(x):
+    if x is None:
+        return None
+    x = np.asarray(x, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if len(x) else None
+
+
+class Evaluator:
+    """Evaluates one model on one set of questions, unpruned and under pruning methods.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A vision-language model with a tokenprune adapter, in eval mode.
+    processor : transformers.ProcessorMixin
+        Its processor.
+    examples : list of VQAExample
+        The questions.
+    batch_size : int
+        Questions per batch (default 100).
+    max_new_tokens : int
+        1 (default): the answer is the argmax of the prefill's last logits (one forward, no
+        decoding). More: greedy ``generate`` with that many new tokens, and the prefill is timed
+        with a separate forward.
+    prompt : str, optional
+        Prompt template with ``{question}`` (see :func:`build_prompt`).
+    progress : bool
+        Show a tqdm progress bar.
+
+    Notes
+    -----
+    The processor runs once per batch and its output is reused by every configuration. Latency is
+    the wall time of the prefill forward (vision tower, selection and LLM prefill), divided by the
+    batch size, median over batches, after one untimed warm-up forward per configuration.
+    """
+
+    def __init__(self, model, processor, examples, *, batch_size: int = 100, max_new_tokens: int = 1,
+                 prompt: str | None = None, progress: bool = True):
+        if not examples:
+            raise ValueError("no examples to evaluate")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model
+        self.processor = processor
+        self.examples = list(examples)
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.prompt = prompt
+        self.progress = progress
+        self.grid = image_grid(model)
+        self._batches = None
+        self.n_image_tokens = None
+        self._bar = None
+
+    # -- data -------------------------------------------------------------------------------------
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def prepare(self):
+        """Run the processor over every batch (once)."""
+        if self._batches is not None:
+            return self._batches
+        tok = self.processor.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        batches = []
+        try:
+            for start in range(0, len(self.examples), self.batch_size):
+                exs = self.examples[start:start + self.batch_size]
+                images = [load_image(ex.image) for ex in exs]
+                texts = [build_prompt(self.processor, ex.question, self.prompt) for ex in exs]
+                inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+                inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+                ev = [None if ex.evidence is None else np.asarray(ex.evidence, dtype=np.int64) for ex in exs]
+                batches.append(_Batch(exs, inputs, ev))
+        finally:
+            tok.padding_side = old_side
+        self._batches = batches
+        self.n_image_tokens = num_image_tokens(batches[0].inputs, self.model)
+        return batches
+
+    # -- running ----------------------------------------------------------------------------------
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _prefill(self, inputs):
+        return self.model(**inputs, logits_to_keep=1)
+
+    def _answer(self, inputs):
+        """Decoded answers and the prefill wall time (s) of one batch."""
+        tok = self.processor.tokenizer
+        self._sync()
+        t0 = time.perf_counter()
+        out = self._prefill(inputs)
+        self._sync()
+        dt = time.perf_counter() - t0
+        if self.max_new_tokens == 1:
+            ids = out.logits[:, -1].argmax(-1)[:, None]
+        else:
+            gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      return_dict_in_generate=True, output_scores=True)
+            ids = gen.sequences[:, gen.sequences.shape[1] - len(gen.scores):]
+        return [s.strip() for s in tok.batch_decode(ids, skip_special_tokens=True)], dt
+
+    @contextlib.contextmanager
+    def _pruned(self, method):
+        """The seam where pruning plugs in: ``tokenprune.prune`` around the model calls."""
+        if method is None:
+            yield None
+            return
+        import tokenprune as tp
+
+        with tp.prune(self.model, method) as report:
+            yield report
+
+    def run(self, method=None, *, name: str = "none", budget=None, seed: int = 0) -> ConfigResult:
+        """Evaluate one configuration.
+
+        Parameters
+        ----------
+        method : PruningMethod or None
+            ``None``: unpruned.
+        name, budget
+            Labels stored in the result.
+        seed : int
+            ``torch.manual_seed`` before the configuration runs.
+        """
+        import torch
+
+        batches = self.prepare()
+        torch.manual_seed(seed)
+        scores, preds, fams, times = [], [], [], []
+        stage_rows, recall_pre, recall_first, sel_ms, equiv = [], [], [], [], []
+        first_label = None
+        with torch.no_grad():
+            warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == batches[0].inputs["input_ids"].shape[:1]
+                        else v) for k, v in batches[0].inputs.items()}
+            with self._pruned(method):
+                self._prefill(warm)
+            for b in batches:
+                with self._pruned(method) as report:
+                    answers, dt = self._answer(b.inputs)
+                times.append(dt * 1000.0 / len(b.examples))
+                for ex, a in zip(b.examples, answers):
+                    preds.append(a)
+                    scores.append(vqa_accuracy(a, ex.answers))
+                    fams.append(ex.family)
+                info = summarize_report(report, len(b.examples), self.n_image_tokens, self.grid)
+                stage_rows.append(info["stages"])
+                equiv.append(info["equivalent_tokens"])
+                if info["selection_ms"] is not None:
+                    sel_ms.append(info["selection_ms"] / len(b.examples))
+                pre, first = info["kept_pre_llm"], info["kept_first"]
+                first_label = info["first_label"]
+                recall_pre.extend(_recall(b.evidence, pre))
+                recall_first.extend(_recall(b.evidence, first))
+                if self._bar is not None:
+                    self._bar.update(1)
+        stages = []
+        if stage_rows and stage_rows[0]:
+            for i, (label, layer, _) in enumerate(stage_rows[0]):
+                stages.append(StageStats(label, layer, float(np.average([r[i][2] for r in stage_rows],
+                                                                        weights=[len(b.examples) for b in batches]))))
+        eq = None if any(e is None for e in equiv) else float(
+            np.average(equiv, weights=[len(b.examples) for b in batches]))
+        return ConfigResult(
+            method=name, budget=budget, n_image_tokens=self.n_image_tokens, scores=np.asarray(scores),
+            predictions=preds, families=fams, prefill_ms=times, stages=stages,
+            equivalent_tokens=eq if method is not None else float(self.n_image_tokens),
+            recall_pre_llm=np.asarray(recall_pre, dtype=np.float64),
+            recall_first_stage=np.asarray(recall_first, dtype=np.float64),
+            first_stage_label=first_label,
+            selection_ms=float(np.median(sel_ms)) if sel_ms else None,
+        )
+
+    def run_all(self, methods, budgets, *, seed: int = 0, baseline: bool = True) -> list:
+        """Unpruned (if ``baseline``), then every method at every budget; returns the ConfigResults."""
+        from tqdm.auto import tqdm
+
+        batches = self.prepare()
+        configs = ([(None, "none", None)] if baseline else []) + [
+            (name, name, b) for name in methods for b in budgets]
+        results = []
+        with tqdm(total=len(configs) * len(batches), desc="tokenprune eval", unit="batch",
+                  disable=not self.progress, dynamic_ncols=True) as bar:
+            self._bar = bar
+            try:
+                for name, label, b in configs:
+                    bar.set_postfix_str(f"{label} {budget_label(b)}")
+                    method = None if name is None else build_method(name, b, seed)
+                    results.append(self.run(method, name=label, budget=b, seed=seed))
+            finally:
+                self._bar = None
+        return results
+
+
+def _recall(evidence, kept):
+    """Per example: share of the evidence patches among the kept patches (NaN when undefined)."""
+    out = []
+    for i, ev in enumerate(evidence):
+        if ev is None or len(ev) == 0:
+            out.append(float("nan"))
+        elif kept is None:
+            out.append(float("nan"))
+        else:
+            k = kept[i]
+            out.append(float(np.isin(ev, k).mean()))
+    return out
+
+
+def summarize_report(report, batch_size, n_image_tokens, grid):
+    """Normalise a pruning report into tokens per stage, equivalent tokens and kept patches.
+
+    Returns a dict with ``stages`` (list of ``(label, layer, mean tokens kept)``),
+    ``equivalent_tokens``, ``selection_ms`` (batch total), ``kept_pre_llm`` and ``kept_first`` (per
+    example, int arrays of raster patch indices, or ``None``) and ``first_label``.
+    """
+    if report is None:
+        all_kept = [np.arange(n_image_tokens)] * batch_size
+        return dict(stages=[], equivalent_tokens=float(n_image_tokens), selection_ms=None,
+                    kept_pre_llm=all_kept, kept_first=all_kept, first_label=None)
+    raise NotImplementedError("report format not wired yet")
