@@ -16,6 +16,7 @@ SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 def supported_model_types() -> list:
     """``config.model_type`` values that have a registered adapter (sorted)."""
     import tokenprune as tp
+    from .. import adapters  # noqa: F401  (registers the built-in adapters)
 
     return sorted(tp.list_adapters())
 

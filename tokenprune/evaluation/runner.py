@@ -235,6 +235,7 @@ class Evaluator:
         self._batches = None
         self.n_image_tokens = None
         self._bar = None
+        self._seed = 0
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -296,9 +297,9 @@ class Evaluator:
         if method is None:
             yield None
             return
-        import tokenprune as tp
+        from ..adapters import prune
 
-        with tp.prune(self.model, method) as report:
+        with prune(self.model, method, seed=self._seed) as report:
             yield report
 
     def run(self, method=None, *, name: str = "none", budget=None, seed: int = 0) -> ConfigResult:
@@ -317,6 +318,7 @@ class Evaluator:
 
         batches = self.prepare()
         torch.manual_seed(seed)
+        self._seed = seed
         scores, preds, fams, times = [], [], [], []
         stage_rows, recall_pre, recall_first, sel_ms, equiv = [], [], [], [], []
         first_label = None
@@ -396,15 +398,48 @@ def _recall(evidence, kept):
     return out
 
 
-def summarize_report(report, batch_size, n_image_tokens, grid):
-    """Normalise a pruning report into tokens per stage, equivalent tokens and kept patches.
+def _patch_indices(stage, sample: int, grid) -> np.ndarray:
+    """Raster indices (on the first image's base grid) of one sample's kept tokens in one stage."""
+    coords = stage.coords[sample] if stage.coords else None
+    if coords is None or grid is None or len(coords) == 0:
+        return np.asarray(stage.kept[sample].cpu(), dtype=np.int64)
+    c = np.asarray(coords.cpu(), dtype=np.int64).reshape(-1, 4)
+    ok = (c[:, 0] == 0) & (c[:, 1] <= 0) & (c[:, 2] >= 0) & (c[:, 3] >= 0)
+    return c[ok, 2] * grid[1] + c[ok, 3]
 
-    Returns a dict with ``stages`` (list of ``(label, layer, mean tokens kept)``),
-    ``equivalent_tokens``, ``selection_ms`` (batch total), ``kept_pre_llm`` and ``kept_first`` (per
-    example, int arrays of raster patch indices, or ``None``) and ``first_label``.
+
+def summarize_report(report, batch_size, n_image_tokens, grid):
+    """Normalise a :class:`~tokenprune.adapters.PruneReport` for the tables.
+
+    Parameters
+    ----------
+    report : PruneReport or None
+        The report of one pruned prefill (``None``: unpruned).
+    batch_size : int
+        Samples in that prefill.
+    n_image_tokens : int
+        Image tokens per sample before pruning.
+    grid : (int, int) or None
+        ``(rows, cols)`` of the patch grid, to turn the report's ``(row, col)`` coordinates into
+        raster indices.
+
+    Returns
+    -------
+    dict
+        ``stages``: list of ``(label, layer, mean tokens kept)``; ``equivalent_tokens``;
+        ``selection_ms`` (the whole batch); ``kept_per_stage``: per stage, per sample, int arrays of
+        raster patch indices; ``kept_pre_llm`` (the before-LLM stage's, or ``None``); ``kept_first``
+        and ``first_label`` (the first stage's).
     """
-    if report is None:
+    if report is None or not getattr(report, "pruned_calls", 0) or not report.stages:
         all_kept = [np.arange(n_image_tokens)] * batch_size
         return dict(stages=[], equivalent_tokens=float(n_image_tokens), selection_ms=None,
-                    kept_pre_llm=all_kept, kept_first=all_kept, first_label=None)
-    raise NotImplementedError("report format not wired yet")
+                    kept_per_stage=[], kept_pre_llm=all_kept, kept_first=all_kept, first_label=None)
+    stages, kept = [], []
+    for st in report.stages:
+        stages.append((st.where, st.layer, float(np.mean(st.tokens_after)) if st.tokens_after else float("nan")))
+        kept.append([_patch_indices(st, i, grid) for i in range(len(st.kept))])
+    pre = next((k for st, k in zip(report.stages, kept) if st.layer is None), None)
+    return dict(stages=stages, equivalent_tokens=float(report.equivalent_tokens),
+                selection_ms=float(report.select_ms), kept_per_stage=kept, kept_pre_llm=pre, kept_first=kept[0],
+                first_label=report.stages[0].where)

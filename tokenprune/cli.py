@@ -1,0 +1,315 @@
+"""The ``tokenprune`` command line.
+
+Subcommands:
+
+``tokenprune eval``
+    The main job: accuracy, evidence recall, tokens and prefill latency of every registered method
+    at the TOPS paper's three reductions, plus the unpruned model, on the bundled testbed model and
+    its 1,000 held-out questions, or on ``--model PATH --data FILE.jsonl``.
+``tokenprune run``
+    One image and one question: the answer unpruned and pruned, tokens per stage, timings, and a
+    picture of the kept patches of each stage.
+``tokenprune testbed train`` / ``tokenprune testbed export``
+    Train the testbed model from scratch; write held-out questions as a JSONL set with images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+
+from .errors import TokenPruneError
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_RUN_OVERLAY = "tokenprune_run.png"
+DEFAULT_PLOT = "tokenprune_eval.png"
+
+
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning for multimodal LLMs.")
+    from ._version import __version__
+
+    p.add_argument("--version", action="version", version=f"tokenprune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{eval,run,testbed}")
+    sub.required = True
+
+    e = sub.add_parser("eval", help="rank pruning methods by accuracy, evidence kept and speed",
+                       description="Evaluate every method (or --methods) at every budget, plus the unpruned "
+                                   "model. Default: the bundled testbed model on its 1,000 held-out questions, "
+                                   "at 77.8%%, 88.9%% and 94.4%% of the image tokens removed.")
+    e.add_argument("--model", metavar="PATH", help="local folder of a supported HF model (default: the testbed model)")
+    e.add_argument("--data", metavar="FILE.jsonl", help="local VQA set (fields image, question, answers; see docs) "
+                                                       "(default: the testbed's held-out questions)")
+    e.add_argument("--methods", metavar="M1,M2", type=_csv, default=None,
+                   help="comma-separated registered methods (default: all)")
+    e.add_argument("--budgets", metavar="B1,B2", type=_csv, default=None,
+                   help="comma-separated budgets: counts (64), fractions kept (0.25) or percentages kept (25%%) "
+                        "(default: 128/576, 64/576, 32/576 of the image tokens kept)")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
+    e.add_argument("--seed", type=int, default=0, help="seed of randomised methods and torch (default 0)")
+    e.add_argument("--batch-size", type=int, default=100, metavar="B", help="questions per batch (default 100)")
+    e.add_argument("--max-new-tokens", type=int, default=None, metavar="T",
+                   help="answer length; 1 means the prefill's argmax (default: 1 for the testbed model, else 16)")
+    e.add_argument("--prompt", default=None, metavar="TEMPLATE",
+                   help="prompt template with {question} (and {image}); default: the chat template if the "
+                        "processor has one, else '<s><image> {question}'")
+    e.add_argument("--output", "-o", metavar="FILE.json", help="write one JSON record per (method, budget)")
+    e.add_argument("--plot", nargs="?", const=DEFAULT_PLOT, default=None, metavar="FILE.png",
+                   help=f"save accuracy against equivalent tokens (default file: {DEFAULT_PLOT})")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("run", help="one image, one question: answers, tokens per stage, timings, overlay picture")
+    r.add_argument("--image", metavar="PATH", help="image file (default: a testbed held-out scene)")
+    r.add_argument("--question", metavar="TEXT", help="the question (required with --image)")
+    r.add_argument("--model", metavar="PATH", help="local folder of a supported HF model (default: the testbed model)")
+    r.add_argument("--method", default="tops", help="registered method (default: tops)")
+    r.add_argument("--budget", default="64", help="count (64), fraction kept (0.25) or percentage kept (default 64)")
+    r.add_argument("--index", type=int, default=0, help="which testbed held-out question without --image (default 0)")
+    r.add_argument("--max-new-tokens", type=int, default=None, metavar="T",
+                   help="answer length (default: 1 for the testbed model, else 32)")
+    r.add_argument("--prompt", default=None, metavar="TEMPLATE", help="prompt template with {question}")
+    r.add_argument("--out", default=DEFAULT_RUN_OVERLAY, metavar="FILE.png",
+                   help=f"overlay picture (default: {DEFAULT_RUN_OVERLAY})")
+    r.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("testbed", help="the testbed model: train it, export its questions")
+    tsub = t.add_subparsers(dest="testbed_command", metavar="{train,export}")
+    tsub.required = True
+    tsub.add_parser("train", help="train the testbed model from scratch (arguments go to the training script; "
+                                  "see `tokenprune testbed train --help`)", add_help=False)
+    x = tsub.add_parser("export", help="write held-out questions as a JSONL VQA set with PNG images")
+    x.add_argument("--out", required=True, metavar="DIR")
+    x.add_argument("--n", type=int, default=50, help="questions (default 50)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+def _is_testbed_processor(processor) -> bool:
+    from .testbed import scenes as S
+
+    tok = getattr(processor, "tokenizer", None)
+    try:
+        return tok is not None and tok.get_vocab() == S.WORD_TO_ID
+    except Exception:  # pragma: no cover - exotic tokenizers
+        return False
+
+
+def _load(model_path):
+    from .evaluation.models import load_model
+    from .testbed.evaluate import checkpoint_path
+
+    path = checkpoint_path() if model_path is None else model_path
+    t0 = time.perf_counter()
+    model, processor = load_model(path)
+    return model, processor, str(path), time.perf_counter() - t0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluation.report import format_tables, make_records, plot_records, write_json
+    from .evaluation.runner import DEFAULT_BUDGETS, Evaluator, parse_budget, resolve_methods
+
+    t_start = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.limit is not None and args.limit < 1:
+        raise TokenPruneError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise TokenPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # Validate everything cheap before loading anything.
+    methods = resolve_methods(args.methods)
+    budgets = [parse_budget(b) for b in args.budgets] if args.budgets else list(DEFAULT_BUDGETS)
+    if args.data is not None:
+        from .evaluation.data import read_vqa_jsonl
+
+        examples = read_vqa_jsonl(args.data)
+        if args.limit is not None:
+            examples = examples[:args.limit]
+        data_label = str(args.data)
+    else:
+        examples = None
+    model, processor, model_label, load_s = _load(args.model)
+    if examples is None:
+        from .testbed.evaluate import HELD_OUT_SIZE, held_out_examples
+
+        examples = held_out_examples(limit=args.limit)
+        data_label = f"testbed held-out set ({HELD_OUT_SIZE} questions, seed 12345)"
+    testbed = _is_testbed_processor(processor)
+    max_new = args.max_new_tokens or (1 if testbed else 16)
+    ev = Evaluator(model, processor, examples, batch_size=args.batch_size, max_new_tokens=max_new,
+                   prompt=args.prompt, progress=not args.no_progress)
+    ev.prepare()
+    print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
+          f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
+          f"{len(budgets)} budgets + unpruned; batch {args.batch_size}; torch threads {torch.get_num_threads()}",
+          flush=True)
+    results = ev.run_all(methods, budgets, seed=args.seed)
+    records = make_records(results)
+    wall = time.perf_counter() - t_start
+    print()
+    print(format_tables(records))
+    print(f"\nEvidence recall: share of each question's evidence patches kept by the pre-LLM stage; in "
+          f"brackets, for methods that prune only inside the LLM, by their first stage. Prefill: ms per "
+          f"question (vision tower, selection and LLM prefill; median over batches).")
+    print(f"Wall time {wall:.1f} s.")
+    if args.output:
+        meta = dict(model=model_label, data=data_label, n=len(examples), methods=methods, budgets=budgets,
+                    seed=args.seed, batch_size=args.batch_size, max_new_tokens=max_new,
+                    n_image_tokens=ev.n_image_tokens, wall_s=round(wall, 1), torch=torch.__version__,
+                    transformers=__import__("transformers").__version__, threads=torch.get_num_threads(),
+                    machine=platform.machine(), python=platform.python_version())
+        path = write_json(records, args.output, meta=meta)
+        print(f"Wrote {len(records)} records to {path}")
+    if args.plot:
+        path = plot_records(records, args.plot, title=f"{os.path.basename(model_label.rstrip('/'))}: "
+                                                      f"{len(examples)} questions")
+        print(f"Saved the plot to {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+    import torch
+
+    from .evaluation.data import load_image
+    from .evaluation.models import build_prompt, image_grid
+    from .evaluation.overlay import model_view, save_overlay
+    from .evaluation.runner import build_method, parse_budget, resolve_methods, summarize_report
+
+    if args.image is not None and not args.question:
+        raise TokenPruneError("--image needs --question")
+    (method_name,) = resolve_methods([args.method])
+    budget = parse_budget(args.budget)
+    if args.image is not None:
+        image = load_image(args.image)
+        question, expected, evidence = args.question, None, None
+    else:
+        from .testbed.evaluate import held_out_examples
+
+        if args.index < 0:
+            raise TokenPruneError(f"--index must be >= 0, got {args.index}")
+        ex = held_out_examples(limit=args.index + 1)[args.index]
+        image = load_image(ex.image)
+        question = args.question or ex.question
+        expected = ex.answers[0] if not args.question else None
+        evidence = ex.evidence if not args.question else None
+    model, processor, model_label, load_s = _load(args.model)
+    testbed = _is_testbed_processor(processor)
+    max_new = args.max_new_tokens or (1 if testbed else 32)
+    text = build_prompt(processor, question, args.prompt)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+    tok = processor.tokenizer
+    method = build_method(method_name, budget, args.seed)
+    from .evaluation.models import num_image_tokens
+
+    n_img = num_image_tokens(inputs, model)
+
+    def answer():
+        with torch.no_grad():
+            if max_new == 1:
+                ids = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)[:, None]
+            else:
+                g = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, return_dict_in_generate=True,
+                                   output_scores=True)
+                ids = g.sequences[:, g.sequences.shape[1] - len(g.scores):]
+        return tok.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+    def prefill_ms(pruned: bool, repeats: int = 3):
+        """Median wall time of the prefill forward, after one untimed warm-up."""
+        times = []
+        with torch.no_grad():
+            for i in range(repeats + 1):
+                ctx = prune(model, method, seed=args.seed) if pruned else contextlib.nullcontext()
+                with ctx:
+                    t0 = time.perf_counter()
+                    model(**inputs, logits_to_keep=1)
+                    dt = time.perf_counter() - t0
+                if i:
+                    times.append(dt * 1000)
+        return float(np.median(times))
+
+    from .adapters import prune
+
+    torch.manual_seed(args.seed)
+    ms_full, ms_pruned = prefill_ms(False), prefill_ms(True)
+    a_full = answer()
+    with prune(model, method, seed=args.seed) as report:
+        a_pruned = answer()
+    info = summarize_report(report, 1, n_img, image_grid(model))
+
+    print(f"model {model_label} (loaded in {load_s:.1f} s); {n_img} image tokens")
+    print(f"question: {question}" + (f"   (expected: {expected})" if expected else ""))
+    print(f"unpruned answer: {a_full!r}")
+    print(f"{method_name} @ {args.budget} answer: {a_pruned!r}")
+    print("tokens per stage: " + " -> ".join([f"input {n_img}"] + [f"{lab} {t:.0f}" for lab, _, t in info["stages"]]))
+    if info["equivalent_tokens"] is not None:
+        print(f"equivalent tokens: {info['equivalent_tokens']:.1f} of {n_img}")
+    if info["selection_ms"] is not None:
+        print(f"selection time: {info['selection_ms']:.2f} ms")
+    print(f"prefill (vision, selection, LLM): unpruned {ms_full:.1f} ms, pruned {ms_pruned:.1f} ms "
+          f"(speed-up {ms_full / ms_pruned:.2f}x; median of 3 after a warm-up)")
+    grid = image_grid(model)
+    stages = [(lab, kept[0]) for (lab, _, _), kept in zip(info["stages"], info["kept_per_stage"]) if kept is not None]
+    if evidence is not None and len(evidence):
+        ev = np.asarray(evidence)
+        for lab, kept in stages:
+            print(f"evidence patches kept by {lab}: {int(np.isin(ev, kept).sum())}/{len(ev)}")
+        stages = [("evidence", ev)] + stages
+    if grid is None or not stages:
+        print("no patch grid for this model; overlay not saved")
+        return 0
+    path = save_overlay(model_view(image, inputs, processor), grid, stages, args.out)
+    print(f"saved the overlay to {path}")
+    return 0
+
+
+def cmd_testbed(args, rest) -> int:
+    if args.testbed_command == "train":
+        from .testbed import train
+
+        train.main(rest)
+        return 0
+    if rest:
+        raise TokenPruneError(f"unrecognised arguments: {' '.join(rest)}")
+    from .testbed.evaluate import export_jsonl
+
+    if args.n < 1:
+        raise TokenPruneError(f"--n must be >= 1, got {args.n}")
+    path = export_jsonl(args.out, n=args.n)
+    print(f"wrote {args.n} questions to {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``tokenprune`` command; returns the exit status (2 on a named error)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "testbed":
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_testbed(args, rest)
+    except TokenPruneError as e:
+        print(f"tokenprune {args.command}: error: {e} [{type(e).__name__}]", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
