@@ -107,11 +107,28 @@ def example_context(*, batch: int = 3, rows: int = 4, cols: int = 4, dim: int = 
                         grid=(rows, cols), seed=seed, **extra)
 
 
-def example_contexts(signals: Mapping | None = None) -> list:
-    """The default contexts of the checks: a padded 3 x 16 batch, a 2 x 9 one with ties, one sample of 20."""
-    return [example_context(batch=3, rows=4, cols=4, dim=8, seed=0, signals=signals),
-            example_context(batch=2, rows=3, cols=3, dim=5, seed=1, ties=True, signals=signals),
-            example_context(batch=1, rows=4, cols=5, dim=6, seed=2, padding=False, signals=signals)]
+def example_contexts(signals: Mapping | None = None, *, ties: bool = True) -> list:
+    """The default contexts of the checks: a padded 3 x 16 batch, one sample of 20 tokens, and (if
+    ``ties``) a 2 x 9 batch whose tokens 1 and 3 duplicate tokens 0 and 2 exactly.
+
+    Features have 8 channels, so the few tokens a check picks are linearly independent (kernel
+    criteria such as log-det stay well conditioned) except for the exact duplicates.
+    """
+    out = [example_context(batch=3, rows=4, cols=4, dim=8, seed=0, signals=signals),
+           example_context(batch=1, rows=4, cols=5, dim=8, seed=2, padding=False, signals=signals)]
+    if ties:
+        out.insert(1, example_context(batch=2, rows=3, cols=3, dim=8, seed=1, ties=True, signals=signals))
+    return out
+
+
+def _has_ties(ctx) -> bool:
+    """Do two valid tokens of a row have identical features?"""
+    x = ctx.features.float()
+    for b in range(ctx.batch_size):
+        v = x[b, ctx.mask[b]]
+        if torch.unique(v, dim=0).shape[0] < v.shape[0]:
+            return True
+    return False
 
 
 def signals_for(*components) -> frozenset:
@@ -209,7 +226,7 @@ def _replay(crit: Criterion, ctx: TokenContext, picks, active):
 
 
 def _chain_len(ctx) -> int:
-    return max(1, min(6, int(ctx.n_valid.min()) - 1))
+    return max(1, min(5, int(ctx.n_valid.min()) - 1))
 
 
 def check_criterion_is_dataclass(crit, ctx=None):
@@ -260,7 +277,8 @@ def check_criterion_signals(crit, ctx):
             _fail("signals", crit, f"without {sig!r} it raised {type(exc).__name__}: {exc} "
                                    "(expected MissingSignalError if it needs it, or to work if not)")
         if sig in req and raised is None:
-            _fail("signals", crit, f"declares it requires {sig!r} but works without it (tags.requires is wrong)")
+            _fail("signals", crit, f"declares it requires {sig!r} in tags.requires, but check() and prepare() work "
+                                   "without it (tags.requires and check() disagree)")
         if sig not in req and raised is not None:
             _fail("signals", crit, f"needs {sig!r} but does not declare it in tags.requires: {raised}")
 
@@ -438,12 +456,47 @@ def check_criterion_dtypes(crit, ctx, dtypes=(torch.float16, torch.bfloat16)):
                                       f"> {tol:.3g} after {s} picks")
 
 
+def check_criterion_gains_at(crit, ctx):
+    """``gains_at(index)`` (the few-candidates path lazy and stochastic greedy use) equals
+    ``gains().gather(1, index)`` along a random chain."""
+    if not hasattr(crit, "gains_at"):
+        return
+    B, N = ctx.mask.shape
+    picks, active = _random_chain(ctx, _chain_len(ctx))
+    g = torch.Generator().manual_seed(99)
+    state = crit.prepare(ctx)
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
+    rows = torch.arange(B, device=ctx.device)
+    for s in range(picks.shape[1] + 1):
+        cand = ctx.mask & ~chosen
+        full = crit.gains(ctx, state, cand).float()
+        # a few candidate positions per row (any valid position; padding rows repeat a valid one)
+        w = torch.rand(B, N, generator=g).to(ctx.device).masked_fill(~cand, -1.0)
+        index = w.topk(min(3, N), dim=1).indices
+        index = torch.where(cand.gather(1, index), index, w.argmax(1, keepdim=True))
+        part = crit.gains_at(ctx, state, index, cand)
+        want = full.gather(1, index)
+        if tuple(part.shape) != tuple(index.shape):
+            _fail("gains_at", crit, f"gains_at must return {tuple(index.shape)}, got {tuple(part.shape)}")
+        tol = _TOL[torch.float32] * _scale(want)
+        if float((part.float() - want).abs().max()) > tol:
+            _fail("gains_at", crit, f"gains_at differs from gains().gather after {s} picks "
+                                    f"(max diff {float((part.float() - want).abs().max()):.3g})")
+        if s == picks.shape[1]:
+            break
+        idx, act = picks[:, s], active[:, s]
+        state = crit.update(ctx, state, idx, act)
+        chosen = chosen.clone()
+        chosen[rows[act], idx[act]] = True
+
+
 _CRITERION_CHECKS = [
     ("is_dataclass", check_criterion_is_dataclass, False),
     ("config", check_criterion_config, False),
     ("signals", check_criterion_signals, True),
     ("shapes", check_criterion_shapes, True),
     ("gains_match_evaluate", check_criterion_gains_match_evaluate, True),
+    ("gains_at", check_criterion_gains_at, True),
     ("tags_hold", check_criterion_tags_hold, True),
     ("rows_independent", check_criterion_rows_independent, True),
     ("permutation", check_criterion_permutation, True),
@@ -452,14 +505,22 @@ _CRITERION_CHECKS = [
 
 
 def criterion_checks(crit: Criterion, *, contexts: Iterable | None = None, signals: Mapping | None = None) -> list:
-    """The criterion checks as ``(name, callable)`` pairs (each callable takes no argument)."""
+    """The criterion checks as ``(name, callable)`` pairs (each callable takes no argument).
+
+    Checks that compare values (gains against evaluate, across rows, permutations or dtypes, along
+    chains of picks) run on the contexts without duplicated tokens: exact duplicates make kernel
+    criteria singular, where any two computations legitimately differ. The others run on all.
+    """
     ctxs = list(contexts) if contexts is not None else example_contexts(signals)
+    exact = [c for c in ctxs if not _has_ties(c)] or ctxs
     out = []
     for name, fn, needs_ctx in _CRITERION_CHECKS:
-        if needs_ctx:
+        if not needs_ctx:
+            out.append((name, functools.partial(fn, crit)))
+        elif name in ("signals", "shapes"):
             out.append((name, functools.partial(_on_all, fn, crit, ctxs)))
         else:
-            out.append((name, functools.partial(fn, crit)))
+            out.append((name, functools.partial(_on_all, fn, crit, exact)))
     return out
 
 
@@ -504,12 +565,13 @@ def check_criterion(crit: Criterion, *, contexts: Iterable | None = None, signal
 # ------------------------------------------------------------------------------------------------
 
 
-def check_selection(sel: Selection, ctx: TokenContext, budget, *, who=None) -> None:
+def check_selection(sel: Selection, ctx: TokenContext, budget, *, who=None, exact: bool = True) -> None:
     """Raise :class:`ConformanceError` unless ``sel`` is a valid selection of ``budget`` tokens on ``ctx``.
 
-    Exactly ``min(k_b, valid_b)`` entries per row (``k_b`` the resolved budget), unique, ascending,
-    in range, never padding; ``-1`` after them; ``order`` the same set; ``gains`` float32 finite;
-    ``features`` (merging selectors) ``[B, K, D]`` finite at valid entries.
+    Exactly ``min(k_b, valid_b)`` entries per row (``k_b`` the resolved budget; with
+    ``exact=False``, for selectors that may keep fewer such as pooling, between 1 and that), unique,
+    ascending, in range, never padding; ``-1`` after them; ``order`` the same set; ``gains`` float32
+    finite; ``features`` (merging selectors) ``[B, K, D]`` finite at valid entries.
     """
     who = who if who is not None else "selection"
     name = "selection"
@@ -517,8 +579,8 @@ def check_selection(sel: Selection, ctx: TokenContext, budget, *, who=None) -> N
     if not isinstance(sel, Selection):
         _fail(name, who, f"returned {type(sel).__name__}, not a Selection")
     want = Budget(budget).resolve_batch(ctx.n_valid).cpu()
-    K = int(want.max())
     idx, order, valid, gains = sel.indices.cpu(), sel.order.cpu(), sel.valid.cpu(), sel.gains.cpu()
+    K = int(want.max()) if exact else int(idx.shape[1]) if idx.dim() == 2 else -1
     for t, nm in ((idx, "indices"), (order, "order"), (valid, "valid"), (gains, "gains")):
         if tuple(t.shape) != (B, K):
             _fail(name, who, f"{nm} must be [B, K] = {(B, K)} for budget {budget!r}, got {tuple(t.shape)}")
@@ -527,8 +589,11 @@ def check_selection(sel: Selection, ctx: TokenContext, budget, *, who=None) -> N
     if gains.dtype != torch.float32:
         _fail(name, who, f"gains must be float32, got {gains.dtype}")
     counts = valid.sum(1)
-    if not torch.equal(counts, want):
+    if exact and not torch.equal(counts, want):
         _fail(name, who, f"kept {counts.tolist()} tokens per row for budget {budget!r}, expected {want.tolist()}")
+    if not exact and (bool((counts > want).any()) or bool((counts < 1).any())):
+        _fail(name, who, f"kept {counts.tolist()} tokens per row for budget {budget!r}, expected between 1 and "
+                         f"{want.tolist()}")
     if not torch.equal(valid, torch.arange(K)[None] < counts[:, None]):
         _fail(name, who, "valid must be a prefix of each row")
     mask = ctx.mask.cpu()
@@ -603,16 +668,22 @@ def check_selector_is_dataclass(selector, objective=None):
             _fail("config", selector, f"from_config(to_config()) gave {back!r}")
 
 
+def _exact(selector) -> bool:
+    return bool(getattr(selector, "exact_budget", True))
+
+
 def check_selector_budgets(selector, objective, ctx):
-    """Valid selections of ``min(k, valid)`` tokens for int and float budgets; everything kept at or
-    above the valid count; deterministic for the context's seed."""
+    """Valid selections of ``min(k, valid)`` tokens for int and float budgets (at most that for
+    selectors with ``exact_budget = False``); everything kept at or above the valid count (exact
+    selectors); deterministic for the context's seed."""
+    exact = _exact(selector)
     for budget in _budgets_for(ctx):
         sel = selector.select(objective, ctx, budget)
-        check_selection(sel, ctx, budget, who=selector)
+        check_selection(sel, ctx, budget, who=selector, exact=exact)
         again = selector.select(objective, ctx, budget)
         if not _same(sel, again):
             _fail("deterministic", selector, f"two runs with seed {ctx.seed} and budget {budget!r} differ")
-        if isinstance(budget, int) and budget >= ctx.num_tokens:
+        if exact and isinstance(budget, int) and budget >= ctx.num_tokens:
             for b in range(ctx.batch_size):
                 c = int(ctx.n_valid[b])
                 if sel.indices[b, :c].cpu().tolist() != torch.nonzero(ctx.mask[b].cpu()).squeeze(1).tolist():
@@ -665,7 +736,7 @@ def check_selector_dtypes(selector, objective, ctx, dtypes=(torch.float16, torch
     for dt in dtypes:
         low = _rebuild(ctx, dtype=dt)
         sel = selector.select(objective, low, 3)
-        check_selection(sel, low, 3, who=selector)
+        check_selection(sel, low, 3, who=selector, exact=_exact(selector))
         if sel.features is not None and sel.features.dtype != dt:
             _fail("dtypes", selector, f"merged features are {sel.features.dtype} for {dt} input")
 
@@ -682,11 +753,14 @@ def check_selector_matches(selector, objective, ctx, reference):
 
 def selector_checks(selector: Selector, objective: Criterion | None = None, *, contexts: Iterable | None = None,
                     signals: Mapping | None = None, prefix: bool | None = None, reference: Selector | None = None,
-                    rows_independent: bool = True) -> list:
+                    rows_independent: bool | None = None) -> list:
     """The selector checks as ``(name, callable)`` pairs (see :func:`check_selector`)."""
     ctxs = list(contexts) if contexts is not None else example_contexts(signals)
+    exact = [c for c in ctxs if not _has_ties(c)] or ctxs
     if prefix is None:
         prefix = bool(getattr(selector, "prefix_property", False))
+    if rows_independent is None:
+        rows_independent = bool(getattr(selector, "rows_independent", True))
     out = [("is_dataclass", functools.partial(check_selector_is_dataclass, selector)),
            ("budgets", functools.partial(_on_all2, check_selector_budgets, selector, objective, ctxs)),
            ("bad_budgets", functools.partial(check_selector_bad_budgets, selector, objective, ctxs[0])),
@@ -696,12 +770,10 @@ def selector_checks(selector: Selector, objective: Criterion | None = None, *, c
                                                           objective, ctxs)))
     if prefix:
         # ties make the prefix ambiguous: only on tie-free contexts
-        out.append(("prefix", functools.partial(_on_all2, check_selector_prefix, selector, objective,
-                                                [c for i, c in enumerate(ctxs) if i != 1] or ctxs)))
+        out.append(("prefix", functools.partial(_on_all2, check_selector_prefix, selector, objective, exact)))
     if reference is not None:
         out.append(("matches_reference", functools.partial(_on_all2, check_selector_matches, selector, objective,
-                                                           [c for i, c in enumerate(ctxs) if i != 1] or ctxs,
-                                                           reference=reference)))
+                                                           exact, reference=reference)))
     return out
 
 
@@ -712,7 +784,7 @@ def _on_all2(fn, sel, obj, ctxs, **kw):
 
 def check_selector(selector: Selector, objective: Criterion | None = None, *, contexts: Iterable | None = None,
                    signals: Mapping | None = None, prefix: bool | None = None, reference: Selector | None = None,
-                   rows_independent: bool = True) -> None:
+                   rows_independent: bool | None = None) -> None:
     """Run every selector check on ``selector`` optimising ``objective``.
 
     Parameters
@@ -730,9 +802,13 @@ def check_selector(selector: Selector, objective: Criterion | None = None, *, co
         ``prefix_property`` attribute, else False.
     reference : Selector, optional
         A selector that must keep the same sets (e.g. ``Greedy()`` for ``Greedy(lazy=True)``).
-    rows_independent : bool
-        Check that a batch selects as its samples alone (default True; stochastic selectors that
-        share one generator across the batch may opt out, and should say so in their docs).
+    rows_independent : bool, optional
+        Check that a batch selects as its samples alone. Default: the selector's
+        ``rows_independent`` attribute, else True (stochastic selectors that draw from one generator
+        for the whole batch opt out with ``rows_independent = False`` and say so in their docs).
+
+    Selectors that may keep fewer tokens than the budget (pooling to a grid) declare
+    ``exact_budget = False``; their counts are checked to lie between 1 and ``min(k, valid)``.
 
     Raises
     ------
@@ -791,7 +867,7 @@ def check_method_stages(method, ctx):
     for i, st in enumerate(method.stages):
         for budget in (st.budget, 1, 3, 0.5, ctx.num_tokens):
             sel = method.select(ctx.features, mask=ctx.mask, stage=i, budget=budget, **_signals_kw(ctx))
-            check_selection(sel, ctx, budget, who=f"{method.name or 'method'} stage {i}")
+            check_selection(sel, ctx, budget, who=f"{method.name or 'method'} stage {i}", exact=_exact(st.selector))
         a = method.select(ctx.features, mask=ctx.mask, stage=i, budget=3, **_signals_kw(ctx))
         b = method.select(ctx.features, mask=ctx.mask, stage=i, budget=3, **_signals_kw(ctx))
         if not _same(a, b):
