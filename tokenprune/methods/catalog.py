@@ -75,7 +75,7 @@ class PivotDissimilarity(ModularCriterion):
     .. math:: s_i = 1 - \\max_{p \\in P} \\cos(h_i, h_p) \\in [0, 2]
               \\quad(\\text{or } 1 - \\operatorname{mean}_{p \\in P} \\cos(h_i, h_p)),
 
-    and pivots score ``4 - rank / |P|`` (in ``(3, 4]``, by decreasing relevance), so they are kept
+    and pivots score ``4 - rank / num_pivots`` (in ``(3, 4]``, by decreasing relevance), so they are kept
     first. The criterion is modular; :class:`~tokenprune.selectors.TopK` is its exact optimiser.
 
     Parameters
@@ -142,7 +142,7 @@ class PivotDissimilarity(ModularCriterion):
         else:
             red = (sim * piv_ok[:, None, :]).sum(-1) / n_piv.clamp_min(1)[:, None]
         out = (1.0 - red).clamp(0.0, 2.0)
-        rank_score = 4.0 - torch.arange(p, device=ctx.device, dtype=torch.float32)[None].expand(B, p) / p
+        rank_score = 4.0 - torch.arange(p, device=ctx.device, dtype=torch.float32)[None].expand(B, p) / self.num_pivots
         # pivots rank first; a pivot slot beyond the valid count points at padding and is left as is
         out = out.scatter(1, piv, torch.where(piv_ok, rank_score, torch.gather(out, 1, piv)))
         return out.masked_fill(~ctx.mask, 0.0)
@@ -231,6 +231,11 @@ class SaliencyCoverage(Criterion):
     def gains(self, ctx, state, candidates):
         cov = _criteria.get("coverage")().gains(ctx, state["cov"], candidates).float()
         return cov * state["sal"] if self.combine == "multiply" else cov + state["sal"]
+
+    def gains_at(self, ctx, state, index, candidates=None):
+        cov = _criteria.get("coverage")().gains_at(ctx, state["cov"], index, candidates).float()
+        sal = state["sal"].gather(1, index)
+        return cov * sal if self.combine == "multiply" else cov + sal
 
     def update(self, ctx, state, picked, active):
         return {"cov": _criteria.get("coverage")().update(ctx, state["cov"], picked, active), "sal": state["sal"]}
@@ -503,7 +508,7 @@ def reverse_fastv(budget=64, layer=2, raters="last_token", positions="preserve")
 
 
 @_methods.register("window_fastv")
-def window_fastv(budget=64, layer=2, raters="last_token", positions="preserve", **window) -> PruningMethod:
+def window_fastv(budget=64, layer=2, windows=4, raters="last_token", positions="preserve") -> PruningMethod:
     """WindowFastV: FastV's attention ranking applied inside local spatial windows.
 
     The patch grid is split into windows and each window keeps its share of the budget by
@@ -513,8 +518,9 @@ def window_fastv(budget=64, layer=2, raters="last_token", positions="preserve", 
     ----------
     budget, layer, raters, positions
         As for :func:`fastv`.
-    **window
-        Parameters of the ``"window_topk"`` selector (e.g. the window size); its defaults otherwise.
+    windows : int or (int, int)
+        Windows per side of the patch grid (default 4: 4 x 4 windows of 6 x 6 tokens on LLaVA-1.5's
+        24 x 24 grid); the budget is spread over the windows in proportion to their valid tokens.
 
     Returns
     -------
@@ -525,14 +531,14 @@ def window_fastv(budget=64, layer=2, raters="last_token", positions="preserve", 
     ------
     BudgetError, StageError
         Invalid budget or layer.
-    ConfigError
-        A window parameter the selector does not take.
+    ValueError
+        ``windows`` not a positive int or pair.
 
     Notes
     -----
     Signals: ``text_attention`` at layer ``K - 1`` and the patch ``grid``. What the paper leaves
     open: the seed paper's definitions were not retrievable; we use the usual reading (top-k inside
-    local spatial windows) and the selector's window defaults.
+    local spatial windows, the budget spread evenly over them) and choose 4 x 4 windows.
 
     References
     ----------
@@ -545,12 +551,8 @@ def window_fastv(budget=64, layer=2, raters="last_token", positions="preserve", 
     >>> tp.get_method("window_fastv").stages[0].relevance
     'text_attention'
     """
-    try:
-        selector = _sel("window_topk", **window)
-    except TypeError as exc:
-        raise ConfigError(f"bad window_topk parameters {sorted(window)}: {exc}") from None
-    return _one_stage(_crit("relevance"), selector, budget, relevance="text_attention", layer=layer,
-                      raters=raters, positions=positions)
+    return _one_stage(_crit("relevance"), _sel("window_topk", windows=windows), budget, relevance="text_attention",
+                      layer=layer, raters=raters, positions=positions)
 
 
 @_methods.register("pyramiddrop")
@@ -805,7 +807,7 @@ def divprune(budget=64) -> PruningMethod:
 
 
 @_methods.register("cdpruner")
-def cdpruner(budget=64) -> PruningMethod:
+def cdpruner(budget=64, quality="given", theta=None) -> PruningMethod:
     """CDPruner: before the LLM, the MAP subset of a DPP conditioned on the instruction.
 
     .. math:: L = \\operatorname{diag}(q)\\, F\\, \\operatorname{diag}(q), \\qquad
@@ -818,6 +820,13 @@ def cdpruner(budget=64) -> PruningMethod:
     ----------
     budget : int or float
         Tokens kept (default 64).
+    quality : {"given", "text_similarity", None}
+        Where ``q`` comes from: ``"given"`` (default) reads ``relevance``, which the adapter fills with
+        the instruction relevance (``Stage.relevance="text_similarity"``); ``"text_similarity"``
+        computes it from ``text_embeddings`` in the feature space; ``None`` drops the condition
+        (``q = 1``, a plain DPP).
+    theta : float, optional
+        Relevance-diversity trade-off of :class:`~tokenprune.criteria.LogDet` (``None``: ``q`` as is).
 
     Returns
     -------
@@ -826,14 +835,16 @@ def cdpruner(budget=64) -> PruningMethod:
 
     Raises
     ------
-    BudgetError
-        Invalid budget.
+    BudgetError, ValueError
+        Invalid budget or parameters.
 
     Notes
     -----
     Signal: ``text_similarity`` (the adapter computes the instruction relevance and passes it as
-    ``relevance``). Greedy MAP with an incremental Cholesky factor (Chen et al. 2018), ``O(K² N)``.
-    On LLaVA-NeXT the paper runs it per crop.
+    ``relevance``; min-max normalised by the criterion, as the paper). Greedy MAP with an
+    incremental Cholesky factor (Chen et al. 2018), ``O(K² N)``. On LLaVA-NeXT the paper runs it per
+    crop. What the paper leaves open: CDPruner computes the relevance with the vision encoder's
+    text tower (before the projector); adapters supply the closest signal they have.
 
     References
     ----------
@@ -846,7 +857,8 @@ def cdpruner(budget=64) -> PruningMethod:
     >>> tp.select("cdpruner", torch.randn(1, 10, 4), relevance=torch.rand(1, 10), budget=3).counts
     tensor([3])
     """
-    return _one_stage(_crit("log_det"), _sel("dpp_map"), budget, relevance="text_similarity")
+    return _one_stage(_crit("log_det", quality=quality, theta=theta), _sel("dpp_map"), budget,
+                      relevance="text_similarity" if quality == "given" else None)
 
 
 @_methods.register("facility_location")
