@@ -55,10 +55,12 @@ def test_eval_small(ckpt, tmp_path, capsys):
 
 def test_eval_jsonl(ckpt, jsonl, capsys):
     rc = cli.main(["eval", "--model", ckpt, "--data", str(jsonl), "--methods", "fastervlm", "--budgets", "0.5",
-                   "--no-progress", "--limit", "8"])
+                   "--no-progress", "--limit", "8", "--oracle"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "testbed.jsonl" in text and "8 questions" in text and "fastervlm" in text
+    oracle_row = next(line for line in text.splitlines() if line.startswith("evidence_oracle"))
+    assert "100.0" in oracle_row.split()  # keeps every evidence patch at half the tokens
 
 
 def test_run_default_scene_and_image(ckpt, jsonl, tmp_path, capsys):

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", "-o", metavar="FILE.json", help="write one JSON record per (method, budget)")
     e.add_argument("--plot", nargs="?", const=DEFAULT_PLOT, default=None, metavar="FILE.png",
                    help=f"save accuracy against equivalent tokens (default file: {DEFAULT_PLOT})")
+    e.add_argument("--oracle", action="store_true",
+                   help="add the testbed's evidence oracle (keeps each question's evidence patches first) at "
+                        "every budget, as a reference; needs data with evidence")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -152,9 +155,24 @@ def cmd_eval(args) -> int:
     ev.prepare()
     print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
           f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
-          f"{len(budgets)} budgets + unpruned; batch {args.batch_size}; torch threads {torch.get_num_threads()}",
+          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; batch {args.batch_size}; torch threads {torch.get_num_threads()}",
           flush=True)
-    results = ev.run_all(methods, budgets, seed=args.seed)
+    references = None
+    if args.oracle:
+        from .evaluation.models import image_grid
+        from .testbed.oracle import ORACLE_NAME, oracle_method
+
+        grid = image_grid(model)
+        if grid is None or not any(ex.evidence is not None for ex in examples):
+            raise TokenPruneError("--oracle needs questions with evidence (the testbed, or a JSONL with 'evidence') "
+                                  "and a model with a square patch grid")
+        seed = args.seed
+
+        def make_oracle(b):
+            return lambda exs: oracle_method(exs, b, n_patches=grid[0] * grid[1], cols=grid[1], seed=seed)
+
+        references = {ORACLE_NAME: make_oracle}
+    results = ev.run_all(methods, budgets, seed=args.seed, references=references)
     records = make_records(results)
     wall = time.perf_counter() - t_start
     print()

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .runner import budget_label
+from .runner import _nanmean, budget_label
 
 __all__ = ["make_records", "format_tables", "write_json", "plot_records"]
 
@@ -47,8 +47,6 @@ def make_records(results) -> list:
         rel = (r.accuracy / base.accuracy) if base is not None and base.accuracy > 0 else None
         speed = (base.prefill_median_ms / r.prefill_median_ms) if base is not None and r.prefill_median_ms > 0 \
             else None
-        from .runner import _nanmean
-
         pre = _nanmean(r.recall_pre_llm)
         has_pre = r.method == "none" or any(s.layer is None for s in r.stages)
         out.append({

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..budget import Budget
 from ..errors import BudgetError
+from ..methods.compose import PruningMethod
 from .data import load_image
 from .models import build_prompt, image_grid, num_image_tokens
 from .vqa import vqa_accuracy
@@ -307,8 +308,9 @@ class Evaluator:
 
         Parameters
         ----------
-        method : PruningMethod or None
-            ``None``: unpruned.
+        method : PruningMethod, callable or None
+            ``None``: unpruned. A callable ``examples -> PruningMethod`` builds one method per batch
+            (the testbed's evidence oracle, which needs each batch's evidence).
         name, budget
             Labels stored in the result.
         seed : int
@@ -325,10 +327,11 @@ class Evaluator:
         with torch.no_grad():
             warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == batches[0].inputs["input_ids"].shape[:1]
                         else v) for k, v in batches[0].inputs.items()}
-            with self._pruned(method):
+            per_batch = callable(method) and not isinstance(method, PruningMethod)
+            with self._pruned(method(batches[0].examples[:2]) if per_batch else method):
                 self._prefill(warm)
             for b in batches:
-                with self._pruned(method) as report:
+                with self._pruned(method(b.examples) if per_batch else method) as report:
                     answers, dt = self._answer(b.inputs)
                 times.append(dt * 1000.0 / len(b.examples))
                 for ex, a in zip(b.examples, answers):
@@ -363,13 +366,33 @@ class Evaluator:
             selection_ms=float(np.median(sel_ms)) if sel_ms else None,
         )
 
-    def run_all(self, methods, budgets, *, seed: int = 0, baseline: bool = True) -> list:
-        """Unpruned (if ``baseline``), then every method at every budget; returns the ConfigResults."""
+    def run_all(self, methods, budgets, *, seed: int = 0, baseline: bool = True, references=None) -> list:
+        """Unpruned (if ``baseline``), every method at every budget, then the references.
+
+        Parameters
+        ----------
+        methods : list of str
+            Registered method names.
+        budgets : list of int or float
+            Budgets.
+        seed : int
+            Seed of every configuration.
+        baseline : bool
+            Run the unpruned model first (the reference for relative accuracy and speed-up).
+        references : dict, optional
+            ``{label: make(budget) -> (examples -> PruningMethod)}``: reference selections built per
+            batch (the testbed's evidence oracle), run at every budget after the methods.
+
+        Returns
+        -------
+        list of ConfigResult
+        """
         from tqdm.auto import tqdm
 
         batches = self.prepare()
         configs = ([(None, "none", None)] if baseline else []) + [
-            (name, name, b) for name in methods for b in budgets]
+            (name, name, b) for name in methods for b in budgets] + [
+            (make, label, b) for label, make in (references or {}).items() for b in budgets]
         results = []
         with tqdm(total=len(configs) * len(batches), desc="tokenprune eval", unit="batch",
                   disable=not self.progress, dynamic_ncols=True) as bar:
@@ -377,7 +400,12 @@ class Evaluator:
             try:
                 for name, label, b in configs:
                     bar.set_postfix_str(f"{label} {budget_label(b)}")
-                    method = None if name is None else build_method(name, b, seed)
+                    if name is None:
+                        method = None
+                    elif callable(name):
+                        method = name(b)
+                    else:
+                        method = build_method(name, b, seed)
                     results.append(self.run(method, name=label, budget=b, seed=seed))
             finally:
                 self._bar = None
