@@ -20,6 +20,7 @@ from . import methods  # noqa: F401
 from .api import (from_config, get_adapter, get_criterion, get_method, get_selector, list_adapters, list_criteria,
                   list_methods, list_selectors, register_adapter, register_criterion, register_method,
                   register_selector, resolve_method, select)
+from .adapters import PruneReport, prune  # noqa: E402  (registers the built-in adapters; no transformers import)
 
 __all__ = [
     "__version__", "Budget", "TokenContext", "make_context", "Selection", "Criterion", "ModularCriterion", "Tags",
@@ -28,5 +29,5 @@ __all__ = [
     "get_selector", "list_selectors", "register_selector", "get_adapter", "list_adapters", "register_adapter",
     "TokenPruneError", "BudgetError", "ConfigError", "DuplicateNameError", "IncompatibleComponentsError",
     "InvalidFeaturesError", "MissingSignalError", "PluginWarning", "ShapeError", "StageError", "UnknownNameError",
-    "UnsupportedModelError", "criteria", "selectors", "methods",
+    "UnsupportedModelError", "criteria", "selectors", "methods", "prune", "PruneReport",
 ]

@@ -1,0 +1,337 @@
+"""The model adapter contract: only what differs between VLM families.
+
+The pruning mechanism itself (:mod:`tokenprune.adapters.hooks`) is generic: it finds the visual
+tokens from ``input_ids``, calls ``get_image_features`` (or takes what ``generate`` precomputed),
+feeds the selected rows back through ``mm_encoder_outputs`` and gathers hidden states, rotary
+embeddings and masks in decoder-layer pre-hooks. An adapter tells it, for one family, where the
+text model is, in which container the image features travel, how position ids are built, which
+extra per-token tensors ride along, how the visual tokens map to patches, and where the vision
+tower's [CLS] attention is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass
+class VisionRecord:
+    """One call of ``get_image_features`` seen inside a pruning context.
+
+    Attributes
+    ----------
+    kwargs : dict
+        The call's arguments by name (``pixel_values``, ``image_sizes``, ``image_grid_thw``, ...);
+        ``generate`` drops them from its own kwargs before the first forward, so this is where the
+        adapter finds them.
+    output : Any
+        What ``get_image_features`` returned (its ``pooler_output`` holds the features).
+    cls_attention : torch.Tensor or None
+        float32 ``[n_crops, n_vision_tokens]``: head-averaged attention of the vision tower's [CLS]
+        query to every token, at the layer that produces the selected features.
+    """
+
+    kwargs: dict
+    output: Any
+    cls_attention: torch.Tensor | None = None
+
+
+@dataclass
+class TokenLayout:
+    """Where each visual token comes from, aligned with the flattened image features.
+
+    Attributes
+    ----------
+    coords : torch.Tensor
+        long ``[N, 4]``: ``(image, crop, row, col)``; ``image`` counts images over the whole batch in
+        prompt order, ``crop`` is family-specific (see the adapter), ``-1`` where unknown or not a patch.
+    newline : torch.Tensor
+        bool ``[N]``: LLaVA-NeXT/OneVision ``image_newline`` tokens.
+    cls : torch.Tensor or None
+        float32 ``[N]``: [CLS] attention mapped to the visual tokens (``None`` if not captured).
+    grids : list
+        Per image, a list of ``(rows, cols)`` per crop, in the order of ``crop``.
+    """
+
+    coords: torch.Tensor
+    newline: torch.Tensor
+    cls: torch.Tensor | None = None
+    grids: list | None = None
+
+
+def raster_coords(image: int, crop: int, rows: int, cols: int) -> torch.Tensor:
+    """long ``[rows * cols, 4]``: ``(image, crop, row, col)`` in raster order."""
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    return torch.stack([torch.full_like(r, image), torch.full_like(r, crop), r, c], dim=1)
+
+
+def unknown_coords(n: int, image: int = -1) -> torch.Tensor:
+    out = torch.full((n, 4), -1, dtype=torch.long)
+    out[:, 0] = image
+    return out
+
+
+class ModelAdapter:
+    """Per-family hooks for :func:`tokenprune.prune` on a Hugging Face transformers 5.x VLM.
+
+    Subclass it for a new family and register the subclass under the ``config.model_type`` it
+    handles (``tokenprune.register_adapter("my_type", MyAdapter)`` or the ``tokenprune.adapters``
+    entry-point group). Override only what differs from the defaults, which fit LLaVA-1.5.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A ``...ForConditionalGeneration`` model whose base model (``model.model``) has
+        ``get_image_features`` and accepts ``mm_encoder_outputs``.
+
+    Attributes
+    ----------
+    model_types : tuple of str
+        ``config.model_type`` values the adapter is meant for (informational).
+    text_model_attr : str
+        Attribute of the base model holding the decoder stack (``language_model``; Idefics3/SmolVLM:
+        ``text_model``).
+    pooler_is_tensor : bool
+        ``get_image_features(...).pooler_output`` is one tensor (Gemma3) rather than a list/tuple.
+    mrope : bool
+        Position ids are 3-D M-RoPE ids (Qwen2-VL, Qwen2.5-VL): kept tokens always keep their
+        ``(t, h, w)`` positions; ``positions="compact"`` is not defined for them.
+    token_keys : tuple of str
+        Per-token ``[B, L]`` kwargs gathered together with ``input_ids`` (``labels`` always is).
+    default_schedule : dict
+        Per registered method name, parameters that suit this family (e.g. TOPS's layers for
+        Qwen2.5-VL). :func:`tokenprune.prune` passes those the method factory accepts when the method
+        is given by name; explicit parameters win.
+    """
+
+    model_types: ClassVar[tuple] = ()
+    text_model_attr: ClassVar[str] = "language_model"
+    pooler_is_tensor: ClassVar[bool] = False
+    mrope: ClassVar[bool] = False
+    token_keys: ClassVar[tuple] = ("token_type_ids", "mm_token_type_ids")
+    default_schedule: ClassVar[dict] = {}
+
+    def __init__(self, model):
+        self.model = model
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "get_image_features"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no base model with get_image_features (expected a "
+                "...ForConditionalGeneration from transformers 5.x)")
+        self.base = base
+        text = getattr(base, self.text_model_attr, None)
+        if text is None or not hasattr(text, "layers"):
+            raise UnsupportedModelError(f"{type(base).__name__} has no decoder stack at .{self.text_model_attr}.layers")
+        self.text_model = text
+
+    # -- structure ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    @property
+    def vision_config(self):
+        return getattr(self.config, "vision_config", None)
+
+    @property
+    def layers(self):
+        """The decoder layers, in order."""
+        return list(self.text_model.layers)[: self.depth]
+
+    @property
+    def depth(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.config
+        for key in ("image_token_id", "image_token_index"):
+            v = getattr(cfg, key, None)
+            if v is not None:
+                return int(v)
+        raise UnsupportedModelError(f"{type(cfg).__name__} has no image_token_id")
+
+    @property
+    def pad_token_id(self) -> int:
+        for cfg in (self.text_config, self.config):
+            v = getattr(cfg, "pad_token_id", None)
+            if v is not None:
+                return int(v)
+        return 0
+
+    def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]`` input embeddings of ``input_ids`` (image ids included; callers mask them)."""
+        ids = input_ids
+        vocab = getattr(self.text_config, "vocab_size", None)
+        if vocab is not None:
+            ids = ids.clamp(0, int(vocab) - 1)
+        return self.base.get_input_embeddings()(ids)
+
+    # -- image features -------------------------------------------------------------------------
+    def image_kwargs(self, kwargs: dict) -> dict:
+        """The kwargs of ``get_image_features`` found in a forward's kwargs (as ``generate`` picks them)."""
+        params = inspect.signature(self.base.get_image_features).parameters
+        return {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
+
+    def flatten_features(self, pooler_output) -> torch.Tensor:
+        """``[N_total, D]``: every image's features in prompt order (the order ``masked_scatter`` uses)."""
+        if isinstance(pooler_output, torch.Tensor):
+            return pooler_output.reshape(-1, pooler_output.shape[-1])
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in pooler_output], dim=0)
+
+    def make_pooler(self, flat: torch.Tensor):
+        """The container the model's forward expects in ``mm_encoder_outputs["image"].pooler_output``."""
+        return flat[None] if self.pooler_is_tensor else [flat]
+
+    def image_sizes_per_item(self, pooler_output) -> list:
+        """Tokens per item of the pooler container (image, or sample for Idefics3)."""
+        if isinstance(pooler_output, torch.Tensor):
+            if pooler_output.dim() == 3:
+                return [pooler_output.shape[1]] * pooler_output.shape[0]
+            return [pooler_output.shape[0]]
+        return [f.reshape(-1, f.shape[-1]).shape[0] for f in pooler_output]
+
+    # -- token layout ---------------------------------------------------------------------------
+    def token_layout(self, pooler_output, record: VisionRecord | None) -> TokenLayout:
+        """Where each visual token comes from (default: one square grid per image, LLaVA-1.5).
+
+        Parameters
+        ----------
+        pooler_output : list, tuple or torch.Tensor
+            The image features as ``get_image_features`` returned them.
+        record : VisionRecord or None
+            The ``get_image_features`` call that produced them, when it ran inside the context.
+        """
+        sizes = self.image_sizes_per_item(pooler_output)
+        coords, grids = [], []
+        vc = self.vision_config
+        side = vc.image_size // vc.patch_size
+        for i, n in enumerate(sizes):
+            if n == side * side:
+                coords.append(raster_coords(i, 0, side, side))
+                grids.append([(side, side)])
+            elif n == side * side + 1:  # "full" strategy on a tower with [CLS]: the CLS token comes first
+                coords.append(torch.cat([unknown_coords(1, i), raster_coords(i, 0, side, side)]))
+                grids.append([(side, side)])
+            else:
+                coords.append(unknown_coords(n, i))
+                grids.append([])
+        coords = torch.cat(coords)
+        cls = None
+        if record is not None and record.cls_attention is not None:
+            cls = self.cls_to_tokens(record, sizes)
+        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=cls, grids=grids)
+
+    # -- [CLS] attention --------------------------------------------------------------------------
+    @property
+    def has_cls(self) -> bool:
+        """Whether the vision tower has a [CLS] token (CLIP: yes; SigLIP, Qwen-ViT: no)."""
+        tower = self.vision_tower
+        emb = getattr(tower, "embeddings", None)
+        return emb is not None and hasattr(emb, "class_embedding")
+
+    @property
+    def vision_tower(self):
+        for name in ("vision_tower", "visual", "vision_model"):
+            t = getattr(self.base, name, None)
+            if t is not None:
+                return t
+        raise UnsupportedModelError(f"{type(self.base).__name__} has no vision tower")
+
+    def vision_feature_layer(self) -> int:
+        v = getattr(self.config, "vision_feature_layer", -1)
+        if isinstance(v, (list, tuple)):
+            v = v[-1]
+        return int(v)
+
+    def cls_attention_module(self):
+        """The vision attention module whose [CLS] row scores the selected features.
+
+        Hidden state ``h`` of the tower is the output of encoder layer ``h - 1``, so for
+        ``vision_feature_layer = f`` the attention is that of layer ``f - 1`` (``f >= 0``) or
+        ``n + f`` (``f < 0``). For a list of feature layers the last one is used.
+
+        Raises
+        ------
+        UnsupportedModelError
+            The tower has no [CLS] token.
+        """
+        if not self.has_cls:
+            raise UnsupportedModelError(
+                f"{self.config.model_type}: its vision tower ({type(self.vision_tower).__name__}) has no [CLS] token, "
+                "so relevance='cls_attention' is not available; use 'text_attention' (in the LLM), "
+                "'text_similarity', or an objective that needs no relevance")
+        tower = self.vision_tower
+        enc = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+        layers = list(enc.layers)
+        f = self.vision_feature_layer()
+        idx = f - 1 if f >= 0 else len(layers) + f
+        if not 0 <= idx < len(layers):
+            raise UnsupportedModelError(f"vision_feature_layer {f} does not name an encoder layer "
+                                        f"of a {len(layers)}-layer tower")
+        return layers[idx].self_attn
+
+    def cls_to_tokens(self, record: VisionRecord, sizes: list) -> torch.Tensor:
+        """float32 ``[N_total]``: [CLS] attention for every visual token (default: LLaVA-1.5)."""
+        att = record.cls_attention  # [n_img, 1 + P]
+        strategy = record.kwargs.get("vision_feature_select_strategy") or getattr(
+            self.config, "vision_feature_select_strategy", "default")
+        tok = att[:, 1:] if strategy == "default" else att
+        return tok.reshape(-1)[: sum(sizes)].float()
+
+    # -- positions ------------------------------------------------------------------------------
+    def full_position_ids(self, kwargs: dict, record: VisionRecord | None) -> torch.Tensor:
+        """Position ids of the unpruned prompt: long ``[B, L]`` (1-D RoPE) as the model would build them.
+
+        Uses ``kwargs["position_ids"]`` when given (``generate`` always gives them), else
+        ``cumsum(attention_mask) - 1`` (padding at 0), else ``0 .. L-1``.
+        """
+        pid = kwargs.get("position_ids")
+        if pid is not None:
+            return pid
+        ids = kwargs["input_ids"]
+        am = kwargs.get("attention_mask")
+        if am is None:
+            return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        pos = am.long().cumsum(-1) - 1
+        return pos.masked_fill(am == 0, 0)
+
+    def rotary(self, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """``(cos, sin)`` for ``position_ids`` as decoder layer ``layer_idx`` expects them."""
+        rot = self.text_model.rotary_emb
+        if "layer_type" in inspect.signature(rot.forward).parameters:
+            types = getattr(self.text_config, "layer_types", None)
+            return rot(hidden, position_ids, types[layer_idx] if types else None)
+        return rot(hidden, position_ids)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_in_llm_prefill(self, seq_len: int) -> None:
+        """Raise if in-LLM pruning cannot work for a prompt of ``seq_len`` tokens (default: always works)."""
+
+    def check_in_llm_decode(self, layer_idx: int, mask, expected_kv: int) -> None:
+        """Raise if in-LLM pruning cannot continue at this decode step (default: always works)."""
+
+    def layer_is_sliding(self, layer_idx: int) -> bool:
+        types = getattr(self.text_config, "layer_types", None)
+        return bool(types) and types[layer_idx] == "sliding_attention"
+
+
+def square_side(n: int) -> int | None:
+    s = int(math.isqrt(n))
+    return s if s * s == n else None

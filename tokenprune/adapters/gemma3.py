@@ -1,0 +1,61 @@
+"""Gemma3: SigLIP tower pooled to a fixed grid, hybrid sliding-window / full attention text model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import StageError
+from .base import ModelAdapter, TokenLayout, raster_coords, square_side, unknown_coords
+
+
+class Gemma3Adapter(ModelAdapter):
+    """Gemma3 (``Gemma3ForConditionalGeneration``).
+
+    Visual tokens: ``mm_tokens_per_image`` (256 in the released models) per image, a square grid of
+    average-pooled SigLIP patches, raster order; ``coords`` are ``(image, 0, row, col)``. The image
+    features travel as one tensor, and ``token_type_ids`` (which make the image block attend
+    bidirectionally) are gathered with the prompt.
+
+    Before the LLM: fully supported; sliding windows then count kept tokens (the pruned prompt is
+    what the model sees). Inside the LLM: supported only while the whole sequence (prompt entering
+    the LLM plus generated tokens) fits in ``sliding_window``; the sliding layers' caches keep only
+    the last ``sliding_window - 1`` entries, and a window over a pruned cache would not match a window
+    over the original positions anyway. Beyond that a :class:`~tokenprune.StageError` is raised (at the
+    prefill, or at the decoding step that crosses the window). SigLIP has no [CLS] token.
+    """
+
+    model_types = ("gemma3",)
+    pooler_is_tensor = True
+
+    def token_layout(self, pooler_output, record) -> TokenLayout:
+        sizes = self.image_sizes_per_item(pooler_output)
+        coords, grids = [], []
+        for i, n in enumerate(sizes):
+            side = square_side(n)
+            if side is not None:
+                coords.append(raster_coords(i, 0, side, side))
+                grids.append([(side, side)])
+            else:
+                coords.append(unknown_coords(n, i))
+                grids.append([])
+        coords = torch.cat(coords)
+        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=None, grids=grids)
+
+    def _window(self):
+        types = getattr(self.text_config, "layer_types", None) or []
+        if "sliding_attention" not in types:
+            return None
+        return int(self.text_config.sliding_window)
+
+    def check_in_llm_prefill(self, seq_len: int) -> None:
+        w = self._window()
+        if w is not None and seq_len >= w:
+            raise StageError(f"gemma3: in-LLM pruning needs the prompt to fit in the sliding window, but {seq_len} "
+                             f"tokens enter the LLM and sliding_window is {w}; use a stage before the LLM "
+                             "(layer=None) for long prompts")
+
+    def check_in_llm_decode(self, layer_idx: int, mask, expected_kv: int) -> None:
+        w = self._window()
+        if w is not None and expected_kv >= w:
+            raise StageError(f"gemma3: in-LLM pruning stopped at {expected_kv} tokens, the sliding window "
+                             f"({w}) is full; generate fewer tokens or prune before the LLM (layer=None)")

@@ -1,0 +1,50 @@
+"""Idefics3 and SmolVLM: image splitting into tiles plus a global image; ``text_model``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModelAdapter, TokenLayout, raster_coords, square_side, unknown_coords
+
+
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 (``Idefics3ForConditionalGeneration``; SigLIP-style tower, pixel shuffle, Llama).
+
+    The decoder stack is ``model.model.text_model``. Features come as one tensor per *sample* holding
+    every tile of its images (row-major tiles, then the downscaled global image), each tile a
+    ``side x side`` grid after the pixel shuffle (7 x 7 for 224 px tiles, 16 px patches, scale 2).
+    ``coords`` are ``(0, tile, row, col)`` with ``tile`` counted over the sample (the image index is
+    not recoverable from the features alone). The tile and row/col marker tokens of the prompt
+    (``<row_1_col_1>``, ``<global-img>``, ``<fake_token_around_image>``) are text and always kept. No
+    [CLS] token.
+    """
+
+    model_types = ("idefics3",)
+    text_model_attr = "text_model"
+
+    def tokens_per_tile(self) -> int:
+        vc = self.vision_config
+        scale = int(getattr(self.config, "scale_factor", 1))
+        return (vc.image_size // vc.patch_size) ** 2 // (scale * scale)
+
+    def token_layout(self, pooler_output, record) -> TokenLayout:
+        sizes = self.image_sizes_per_item(pooler_output)
+        per = self.tokens_per_tile()
+        side = square_side(per)
+        coords, grids = [], []
+        for i, n in enumerate(sizes):
+            if side is not None and n % per == 0:
+                tiles = n // per
+                coords.append(torch.cat([raster_coords(0, t, side, side) for t in range(tiles)]))
+                grids.append([(side, side)] * tiles)
+            else:
+                coords.append(unknown_coords(n, 0))
+                grids.append([])
+        coords = torch.cat(coords)
+        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=None, grids=grids)
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    """SmolVLM (``SmolVLMForConditionalGeneration``); as :class:`Idefics3Adapter`."""
+
+    model_types = ("smolvlm",)

@@ -1,0 +1,17 @@
+"""LLaVA-1.5 (``model_type="llava"``): CLIP tower with [CLS], one square patch grid per image, Llama."""
+
+from __future__ import annotations
+
+from .base import ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5 (``LlavaForConditionalGeneration``).
+
+    Visual tokens: one ``side x side`` grid per image (``side = image_size // patch_size``, 24 for
+    336 px / 14 px), raster order; ``coords`` are ``(image, 0, row, col)``. With
+    ``vision_feature_select_strategy="full"`` the [CLS] token is a visual token too (coords
+    ``(image, -1, -1, -1)``). [CLS] attention is available for CLIP towers. Position ids are 1-D.
+    """
+
+    model_types = ("llava",)
