@@ -209,16 +209,20 @@ class Evaluator:
         Prompt template with ``{question}`` (see :func:`build_prompt`).
     progress : bool
         Show a tqdm progress bar.
+    cache_bytes : int
+        Keep the processor's output for every batch when it fits in this many bytes (default 2 GiB;
+        the testbed's 1,000 questions take about 0.6 GB); otherwise re-encode each batch when used.
 
     Notes
     -----
-    The processor runs once per batch and its output is reused by every configuration. Latency is
+    The processor runs once per batch and its output is reused by every configuration (see
+    ``cache_bytes``). Latency is
     the wall time of the prefill forward (vision tower, selection and LLM prefill), divided by the
     batch size, median over batches, after one untimed warm-up forward per configuration.
     """
 
     def __init__(self, model, processor, examples, *, batch_size: int = 100, max_new_tokens: int = 1,
-                 prompt: str | None = None, progress: bool = True):
+                 prompt: str | None = None, progress: bool = True, cache_bytes: int = 2 << 30):
         if not examples:
             raise ValueError("no examples to evaluate")
         if batch_size < 1:
@@ -232,6 +236,7 @@ class Evaluator:
         self.max_new_tokens = int(max_new_tokens)
         self.prompt = prompt
         self.progress = progress
+        self.cache_bytes = int(cache_bytes)
         self.grid = image_grid(model)
         self._batches = None
         self.n_image_tokens = None
@@ -243,27 +248,40 @@ class Evaluator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def prepare(self):
-        """Run the processor over every batch (once)."""
-        if self._batches is not None:
-            return self._batches
+    def _encode(self, exs) -> dict:
+        """Processor output (CPU tensors) for some examples, left-padded."""
         tok = self.processor.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"
-        batches = []
         try:
-            for start in range(0, len(self.examples), self.batch_size):
-                exs = self.examples[start:start + self.batch_size]
-                images = [load_image(ex.image) for ex in exs]
-                texts = [build_prompt(self.processor, ex.question, self.prompt) for ex in exs]
-                inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-                inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-                ev = [None if ex.evidence is None else np.asarray(ex.evidence, dtype=np.int64) for ex in exs]
-                batches.append(_Batch(exs, inputs, ev))
+            images = [load_image(ex.image) for ex in exs]
+            texts = [build_prompt(self.processor, ex.question, self.prompt) for ex in exs]
+            return dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True))
         finally:
             tok.padding_side = old_side
+
+    def inputs_of(self, batch) -> dict:
+        """The model inputs of a batch, on the model's device (re-encoded when not cached)."""
+        inputs = batch.inputs if batch.inputs is not None else self._encode(batch.examples)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
+
+    def prepare(self):
+        """Split into batches and run the processor; its output is cached when it fits in ``cache_bytes``."""
+        if self._batches is not None:
+            return self._batches
+        batches = []
+        for start in range(0, len(self.examples), self.batch_size):
+            exs = self.examples[start:start + self.batch_size]
+            ev = [None if ex.evidence is None else np.asarray(ex.evidence, dtype=np.int64) for ex in exs]
+            batches.append(_Batch(exs, None, ev))
+        first = self._encode(batches[0].examples)
+        per_batch = sum(v.numel() * v.element_size() for v in first.values() if hasattr(v, "numel"))
+        batches[0].inputs = first
+        if per_batch * len(batches) <= self.cache_bytes:
+            for b in batches[1:]:
+                b.inputs = self._encode(b.examples)
         self._batches = batches
-        self.n_image_tokens = num_image_tokens(batches[0].inputs, self.model)
+        self.n_image_tokens = num_image_tokens(first, self.model)
         return batches
 
     # -- running ----------------------------------------------------------------------------------
@@ -325,14 +343,15 @@ class Evaluator:
         stage_rows, recall_pre, recall_first, sel_ms, equiv = [], [], [], [], []
         first_label = None
         with torch.no_grad():
-            warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == batches[0].inputs["input_ids"].shape[:1]
-                        else v) for k, v in batches[0].inputs.items()}
+            first = self.inputs_of(batches[0])
+            warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == first["input_ids"].shape[:1] else v)
+                    for k, v in first.items()}
             per_batch = callable(method) and not isinstance(method, PruningMethod)
             with self._pruned(method(batches[0].examples[:2]) if per_batch else method):
                 self._prefill(warm)
             for b in batches:
                 with self._pruned(method(b.examples) if per_batch else method) as report:
-                    answers, dt = self._answer(b.inputs)
+                    answers, dt = self._answer(self.inputs_of(b))
                 times.append(dt * 1000.0 / len(b.examples))
                 for ex, a in zip(b.examples, answers):
                     preds.append(a)
