@@ -111,6 +111,10 @@ def _load(model_path):
     from .evaluation.models import load_model
     from .testbed.evaluate import checkpoint_path
 
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # no torchvision fallback notices
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar next to ours
     path = checkpoint_path() if model_path is None else model_path
     t0 = time.perf_counter()
     model, processor = load_model(path)
@@ -131,6 +135,11 @@ def cmd_eval(args) -> int:
     if args.batch_size < 1:
         raise TokenPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Validate everything cheap before loading anything.
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TokenPruneError("--plot needs matplotlib: pip install 'tokenprune[plot]'") from None
     methods = resolve_methods(args.methods)
     budgets = [parse_budget(b) for b in args.budgets] if args.budgets else list(DEFAULT_BUDGETS)
     if args.data is not None:
@@ -155,8 +164,8 @@ def cmd_eval(args) -> int:
     ev.prepare()
     print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
           f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
-          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; batch {args.batch_size}; torch threads {torch.get_num_threads()}",
-          flush=True)
+          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; "
+          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}", flush=True)
     references = None
     if args.oracle:
         from .evaluation.models import image_grid
@@ -177,9 +186,9 @@ def cmd_eval(args) -> int:
     wall = time.perf_counter() - t_start
     print()
     print(format_tables(records))
-    print(f"\nEvidence recall: share of each question's evidence patches kept by the pre-LLM stage; in "
-          f"brackets, for methods that prune only inside the LLM, by their first stage. Prefill: ms per "
-          f"question (vision tower, selection and LLM prefill; median over batches).")
+    print("\nEvidence recall: share of each question's evidence patches kept by the pre-LLM stage; in "
+          "brackets, for methods that prune only inside the LLM, by their first stage. Prefill: ms per "
+          "question (vision tower, selection and LLM prefill; median over batches).")
     print(f"Wall time {wall:.1f} s.")
     if args.output:
         meta = dict(model=model_label, data=data_label, n=len(examples), methods=methods, budgets=budgets,
