@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="testbed_checkpoint")
+    p.add_argument("--init", default="", help="warm start from a saved testbed checkpoint directory")
+    p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
 
 
@@ -156,10 +158,22 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     backgrounds = S.make_backgrounds(1500, seed=args.seed + 1)
     evals = eval_batches(args.eval_n, seed=50_000 + args.seed)
-    model = build_model(seed=args.seed)
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.init)
+        model.train()
+    else:
+        model = build_model(seed=args.seed)
     vh = model.config.vision_config.hidden_size
     cls_head = nn.Linear(vh, S.NUM_COMBOS)
     patch_head = nn.Sequential(nn.LayerNorm(vh), nn.Linear(vh, S.NUM_COMBOS + 2))
+    aux_path = args.out.rstrip("/") + ".aux_heads.pt"
+    init_aux = args.init.rstrip("/") + ".aux_heads.pt" if args.init else ""
+    if init_aux and os.path.exists(init_aux):
+        heads = torch.load(init_aux)
+        cls_head.load_state_dict(heads["cls_head"])
+        patch_head.load_state_dict(heads["patch_head"])
     base = model.model
     tower = base.vision_tower
     log(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; args {vars(args)}")
@@ -199,6 +213,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         model.save_pretrained(args.out)
         build_processor().save_pretrained(args.out)
+        torch.save({"cls_head": cls_head.state_dict(), "patch_head": patch_head.state_dict()}, aux_path)
         with open(os.path.join(args.out, "training_curve.json"), "w") as fh:
             json.dump(dict(args=vars(args), curve=curve, train_minutes=elapsed() / 60), fh, indent=1)
         model.train()
@@ -258,7 +273,7 @@ def main(argv=None):
             lg = model.lm_head(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))).float()
             lg = lg.reshape(-1, lg.shape[-1])
             l_ans = F.cross_entropy(lg, answers.reshape(-1), ignore_index=-100)
-            return l_ans + 0.3 * aux_losses(vout, pres, plab, pcen), l_ans, lg
+            return l_ans + args.aux_weight * aux_losses(vout, pres, plab, pcen), l_ans, lg
 
     stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
     bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
