@@ -20,7 +20,8 @@ from tokenprune.criteria import Criterion, ModularCriterion, Tags
 from tokenprune.selection import from_order
 from tokenprune.selectors import Selector
 from tokenprune.testing import (ConformanceError, check_criterion, check_method, check_selection, check_selector,
-                                criterion_checks, example_context, method_checks, selector_checks)
+                                criterion_checks, example_context, method_checks, parametrize_with_checks,
+                                selector_checks)
 from tokenprune.testing import checks as C
 from tokenprune.testing import strategies as tps
 
@@ -374,3 +375,9 @@ def test_selector_checks_are_listed_by_name():
                                            reference=tp.selectors.Greedy())]
     assert names == ["is_dataclass", "budgets", "bad_budgets", "dtypes", "rows_independent", "prefix",
                      "matches_reference"]
+
+
+@parametrize_with_checks([tp.criteria.Coverage(), (tp.selectors.TopK(), tp.criteria.Relevance()),
+                          tp.get_method("fastervlm")], prefix=True)
+def test_parametrize_with_checks(component, check):
+    check()

@@ -2,7 +2,7 @@
 
 - :func:`check_criterion`, :func:`check_selector`, :func:`check_method`: conformance suites (as
   scikit-learn's ``check_estimator``), with :func:`criterion_checks` / :func:`selector_checks` /
-  :func:`method_checks` for one test per check.
+  :func:`method_checks` and :func:`parametrize_with_checks` for one pytest test per check.
 - :mod:`tokenprune.testing.strategies`: hypothesis strategies for features, masks, budgets and
   contexts (needs ``hypothesis``, in the ``test`` extra; imported on first use).
 - ``tokenprune.testing.tiny_models``: tiny random-weight models for adapter tests.
@@ -10,11 +10,11 @@
 
 from .checks import (STANDARD_SIGNALS, ConformanceError, check_criterion, check_method, check_selection,
                      check_selector, criterion_checks, example_context, example_contexts, method_checks,
-                     selector_checks, signals_for)
+                     parametrize_with_checks, selector_checks, signals_for)
 
 __all__ = ["STANDARD_SIGNALS", "ConformanceError", "check_criterion", "check_method", "check_selection",
            "check_selector", "criterion_checks", "example_context", "example_contexts", "method_checks",
-           "selector_checks", "signals_for", "strategies"]
+           "parametrize_with_checks", "selector_checks", "signals_for", "strategies"]
 
 
 def __getattr__(name):

@@ -35,7 +35,7 @@ from ..selectors.base import Selector, selector_from_config
 
 __all__ = ["ConformanceError", "example_context", "example_contexts", "check_criterion", "check_selector",
            "check_method", "criterion_checks", "selector_checks", "method_checks", "check_selection",
-           "signals_for", "STANDARD_SIGNALS"]
+           "parametrize_with_checks", "signals_for", "STANDARD_SIGNALS"]
 
 #: Signals :func:`example_context` provides; a criterion may require any of them.
 STANDARD_SIGNALS = ("relevance", "text_embeddings", "grid")
@@ -907,3 +907,54 @@ def check_method(method, *, contexts: Iterable | None = None, signals: Mapping |
     for _, fn in method_checks(method, contexts=contexts, signals=signals):
         fn()
 
+
+# ------------------------------------------------------------------------------------------------
+# pytest helper
+# ------------------------------------------------------------------------------------------------
+
+
+def parametrize_with_checks(components, **kwargs):
+    """A ``pytest.mark.parametrize`` over every check of every component, one test per check.
+
+    Parameters
+    ----------
+    components : iterable
+        Criteria, :class:`~tokenprune.PruningMethod` objects, or ``(selector, objective)`` pairs.
+    **kwargs
+        Passed to :func:`criterion_checks` / :func:`selector_checks` / :func:`method_checks` (e.g.
+        ``signals=``; ``prefix=`` and ``reference=`` apply to selectors only).
+
+    Returns
+    -------
+    pytest.MarkDecorator
+        Parametrizes the arguments ``component`` and ``check``; the test body calls ``check()``.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        @parametrize_with_checks([MyCriterion(), (MySelector(), Coverage())])
+        def test_conformance(component, check):
+            check()
+    """
+    import pytest
+
+    from ..methods.compose import PruningMethod
+
+    params, ids = [], []
+    sel_only = {k: kwargs.pop(k) for k in ("prefix", "reference", "rows_independent") if k in kwargs}
+    for comp in components:
+        if isinstance(comp, tuple):
+            selector, objective = comp
+            checks = selector_checks(selector, objective, **kwargs, **sel_only)
+            label = f"{selector!r}-{objective!r}"
+        elif isinstance(comp, PruningMethod):
+            checks = method_checks(comp, **kwargs)
+            label = comp.name or repr(comp)
+        else:
+            checks = criterion_checks(comp, **kwargs)
+            label = repr(comp)
+        for name, fn in checks:
+            params.append((comp, fn))
+            ids.append(f"{label}-{name}")
+    return pytest.mark.parametrize("component, check", params, ids=ids)
