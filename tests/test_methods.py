@@ -312,6 +312,7 @@ def test_random_is_seeded_sorted_and_uniform_enough():
     assert torch.equal(a.indices, tp.select("random", x, budget=10).indices)
     b = tp.get_method("random", seed=1).select(x, budget=10)
     assert not torch.equal(a.indices, b.indices)
+    assert torch.equal(tp.select("random", x, budget=10, seed=1).indices, b.indices)  # the context's seed
     counts = torch.zeros(40)
     for s in range(200):
         counts[tp.get_method("random", seed=s).select(x, budget=10).indices[0]] += 1

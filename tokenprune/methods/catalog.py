@@ -448,6 +448,9 @@ def fastv(budget=64, layer=2, raters="last_token", positions="preserve") -> Prun
     -----
     Signal: ``text_attention`` at layer ``K - 1``. ``O(N log N)``. The public code forces eager
     attention for the whole model; tokenprune's adapters compute only the needed attention rows.
+    What the paper leaves open and what we chose: it states "after layer K" with attention "of
+    layer K"; the reference code prunes the input of layer ``K`` with the attention weights of
+    layer ``K - 1`` (the last computed), which is what ``layer=K`` means here. Heads are averaged.
 
     References
     ----------
@@ -697,7 +700,10 @@ def fastervlm(budget=64) -> PruningMethod:
     Notes
     -----
     Signal: ``cls_attention`` (mean over heads, at the encoder layer whose features are used).
-    ``O(N log N)``. Models without a [CLS] token (SigLIP towers) cannot supply it.
+    ``O(N log N)``. Models without a [CLS] token (SigLIP towers) cannot supply it. What the paper
+    leaves open and what we chose: the encoder layer of the attention (we take the layer whose
+    features the projector reads, LLaVA's penultimate one) and the head reduction (mean; a sum
+    ranks the same).
 
     References
     ----------
@@ -785,8 +791,9 @@ def divprune(budget=64) -> PruningMethod:
     Notes
     -----
     No signal: the features alone (no text, no attention). Greedy max-min dispersion, ``O(K N)``
-    after the similarity matrix. What the paper leaves open: the first pick; the ``max_min``
-    selector documents its choice.
+    after the similarity matrix. What the paper leaves open and what we chose: the first pick (the
+    token farthest from its nearest neighbour, as the reference code) and ties (lowest index); the
+    features are the projected ones, as in the paper.
 
     References
     ----------
@@ -887,7 +894,9 @@ def facility_location(budget=64) -> PruningMethod:
 
     Notes
     -----
-    No signal. Monotone submodular, so greedy is a ``(1 - 1/e)`` approximation; ``O(K N²)``.
+    No signal. Monotone submodular, so greedy is a ``(1 - 1/e)`` approximation; ``O(K N²)``. Not
+    a paper's method: negative similarities count as 0 (the clamp keeps ``f`` monotone), and the
+    selector is lazy greedy (the same picks as plain greedy).
 
     References
     ----------
@@ -927,8 +936,10 @@ def scope(budget=64, alpha=1.0, combine="multiply") -> PruningMethod:
 
     Notes
     -----
-    Signal: ``cls_attention``. ``O(K N²)``. See :class:`SaliencyCoverage` for what the paper leaves
-    open.
+    Signal: ``cls_attention``. ``O(K N²)``, with lazy greedy (exact, since the score never grows).
+    What the paper leaves open and what we chose: see :class:`SaliencyCoverage` (saliency at the
+    projected features instead of the encoder's penultimate layer; ``alpha = 1`` as the reference
+    code's default).
 
     References
     ----------
@@ -946,15 +957,16 @@ def scope(budget=64, alpha=1.0, combine="multiply") -> PruningMethod:
 
 
 @_methods.register("random")
-def random(budget=64, seed=0) -> PruningMethod:
+def random(budget=64, seed=None) -> PruningMethod:
     """Random: before the LLM, keep a uniform random subset of the visual tokens (sorted).
 
     Parameters
     ----------
     budget : int or float
         Tokens kept (default 64).
-    seed : int
-        Seed of the ``"random"`` selector (default 0); the same seed gives the same subset.
+    seed : int, optional
+        Seed of the ``"random"`` selector; the same seed gives the same subset. ``None`` (default)
+        uses the context's seed (``tokenprune.select(..., seed=...)``, 0 unless given).
 
     Returns
     -------
@@ -969,7 +981,10 @@ def random(budget=64, seed=0) -> PruningMethod:
     Notes
     -----
     No signal. A strong baseline (arXiv:2502.11501): spatially spread tokens keep position
-    information. Kept indices are sorted: unsorted subsets scramble positions.
+    information. Kept indices are sorted: unsorted subsets scramble positions. What the paper leaves
+    open: the sampling; we draw uniformly without replacement, seeded, with one generator for the
+    whole batch (a sample's subset depends on its position in the batch; fix ``seed`` per sample
+    for per-sample reproducibility).
 
     References
     ----------

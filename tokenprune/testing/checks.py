@@ -141,6 +141,20 @@ def signals_for(*components) -> frozenset:
     return frozenset(out)
 
 
+def _default_signal(B, N, g):
+    return torch.rand(B, N, generator=g) + 0.05
+
+
+def _with_required(signals: Mapping | None, *components) -> dict:
+    """``signals`` plus a default ``[B, N]`` positive float tensor for every non-standard signal the
+    components declare and the caller did not give."""
+    out = dict(signals or {})
+    for name in sorted(signals_for(*components)):
+        if name not in STANDARD_SIGNALS and name != "text_mask" and name not in out:
+            out[name] = _default_signal
+    return out
+
+
 def _rebuild(ctx: TokenContext, *, rows=None, tokens=None, drop=(), dtype=None, keep_grid=True) -> TokenContext:
     """A new validated context from parts of ``ctx``: a subset of rows, a subset/permutation of tokens,
     without some signals, or with another feature dtype."""
@@ -511,7 +525,7 @@ def criterion_checks(crit: Criterion, *, contexts: Iterable | None = None, signa
     chains of picks) run on the contexts without duplicated tokens: exact duplicates make kernel
     criteria singular, where any two computations legitimately differ. The others run on all.
     """
-    ctxs = list(contexts) if contexts is not None else example_contexts(signals)
+    ctxs = list(contexts) if contexts is not None else example_contexts(_with_required(signals, crit))
     exact = [c for c in ctxs if not _has_ties(c)] or ctxs
     out = []
     for name, fn, needs_ctx in _CRITERION_CHECKS:
@@ -541,7 +555,8 @@ def check_criterion(crit: Criterion, *, contexts: Iterable | None = None, signal
         standard signals and those ``crit.tags.requires`` names.
     signals : mapping, optional
         Extra (plugin) signals for the default contexts: name to a ``[B, N, ...]`` tensor or a
-        callable ``(B, N, generator) -> tensor``.
+        callable ``(B, N, generator) -> tensor``. A required signal that is neither standard nor
+        given here gets a default positive ``[B, N]`` float tensor.
 
     Raises
     ------
@@ -755,7 +770,7 @@ def selector_checks(selector: Selector, objective: Criterion | None = None, *, c
                     signals: Mapping | None = None, prefix: bool | None = None, reference: Selector | None = None,
                     rows_independent: bool | None = None) -> list:
     """The selector checks as ``(name, callable)`` pairs (see :func:`check_selector`)."""
-    ctxs = list(contexts) if contexts is not None else example_contexts(signals)
+    ctxs = list(contexts) if contexts is not None else example_contexts(_with_required(signals, objective))
     exact = [c for c in ctxs if not _has_ties(c)] or ctxs
     if prefix is None:
         prefix = bool(getattr(selector, "prefix_property", False))
@@ -886,7 +901,8 @@ def check_method_layers(method, ctx=None):
 
 def method_checks(method, *, contexts: Iterable | None = None, signals: Mapping | None = None) -> list:
     """The method checks as ``(name, callable)`` pairs (see :func:`check_method`)."""
-    ctxs = list(contexts) if contexts is not None else example_contexts(signals)
+    objectives = [st.objective for st in method.stages] if hasattr(method, "stages") else []
+    ctxs = list(contexts) if contexts is not None else example_contexts(_with_required(signals, *objectives))
     return [("config", functools.partial(_on_all, check_method_config, method, ctxs)),
             ("stages", functools.partial(_on_all, check_method_stages, method, ctxs)),
             ("layers", functools.partial(check_method_layers, method))]
