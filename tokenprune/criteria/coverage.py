@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import criteria
-from ._kernels import as_float_gains, coverage_sums, fixed_point_similarity, gather_row, gather_rows
+from ._kernels import as_float_gains, coverage_sums, coverage_sums_at, fixed_point_similarity, gather_row
 from .base import Criterion, Tags
 
 
@@ -38,9 +38,8 @@ class Coverage(Criterion):
     ``O(M N)``, which lazy greedy and
     :class:`~tokenprune.selectors.FacilityLocationGreedy` use.
 
-    Sums are computed in fixed point (similarities rounded to multiples of ``2^-q``,
-    ``q = 31 - ceil(log2(N + 1))``, i.e. about ``2e-6`` at ``N = 2880``; see
-    :mod:`tokenprune.criteria._kernels`), so gains are exact: ``gains == evaluate(S ∪ {i}) -
+    Sums are computed in fixed point (similarities rounded to multiples of ``2^-15 ≈ 3e-5``, below
+    the error of bf16 features; see :mod:`tokenprune.criteria._kernels`), so gains are exact: ``gains == evaluate(S ∪ {i}) -
     evaluate(S)`` up to the final float32 rounding, and plain, lazy and specialised greedy pick the
     same tokens, ties included. Gains are returned as float32 (a monotone rounding of the integers).
 
@@ -63,14 +62,13 @@ class Coverage(Criterion):
 
     def prepare(self, ctx):
         fq, scale = fixed_point_similarity(ctx)
-        return {"fq": fq, "scale": scale, "m": torch.zeros(ctx.mask.shape, dtype=torch.int32, device=ctx.device)}
+        return {"fq": fq, "scale": scale, "m": torch.zeros(ctx.mask.shape, dtype=torch.int16, device=ctx.device)}
 
     def gains(self, ctx, state, candidates):
         return as_float_gains(coverage_sums(state["fq"], state["m"]), state["scale"])
 
     def gains_at(self, ctx, state, index, candidates=None):
-        rows = gather_rows(state["fq"], index)
-        return as_float_gains(coverage_sums(rows, state["m"]), state["scale"])
+        return as_float_gains(coverage_sums_at(state["fq"], index, state["m"]), state["scale"])
 
     def update(self, ctx, state, picked, active):
         new = torch.maximum(state["m"], gather_row(state["fq"], picked))
@@ -80,5 +78,5 @@ class Coverage(Criterion):
         fq, scale = fixed_point_similarity(ctx)
         s = subset & ctx.mask
         best = fq.masked_fill(~s.unsqueeze(-1), 0).amax(1)  # [B, N]: max(0, max_{s∈S} Fq_sj)
-        total = (best * ctx.mask).sum(1, dtype=torch.int64)
+        total = (best.to(torch.int64) * ctx.mask).sum(1)
         return (total.to(torch.float64) / scale).to(torch.float32)

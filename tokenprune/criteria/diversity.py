@@ -258,4 +258,4 @@ def cholesky_row(lrow: torch.Tensor, C: torch.Tensor, d2: torch.Tensor, picked: 
     if t:
         cj = C.gather(2, picked.view(-1, 1, 1).expand(-1, t, 1))  # [B, t, 1]
         lrow = torch.baddbmm(lrow.unsqueeze(1), cj.transpose(1, 2), C, alpha=-1.0).squeeze(1)
-    return lrow * d2.gather(1, picked[:, None]).clamp_min(TINY).rsqrt()
+    return lrow / d2.gather(1, picked[:, None]).clamp_min(TINY).sqrt()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
 from ..errors import MissingSignalError
@@ -37,17 +35,23 @@ class Relevance(ModularCriterion):
 
     Notes
     -----
-    Modular (hence submodular); gains never change, so top-k selection is exact. ``O(B N)`` for
-    given scores, ``O(B N T D)`` for text similarity.
+    Modular (hence submodular); gains never change, so top-k selection is exact. Requires
+    ``relevance`` (``source="given"``) or ``text_embeddings`` (``"text_similarity"``). ``O(B N)``
+    for given scores, ``O(B N T D)`` for text similarity. Not tagged monotone: scores may be
+    negative (e.g. similarities).
 
     References
     ----------
     TOPS, arXiv:2606.27161 (task relevance); CDPruner, arXiv:2506.10967 (instruction relevance).
     """
 
-    tags: ClassVar[Tags] = Tags(modular=True, submodular=True, requires=frozenset({"relevance"}))
     source: str = "given"
     reduce: str = "max"
+
+    @property
+    def tags(self) -> Tags:  # type: ignore[override]
+        need = "relevance" if self.source == "given" else "text_embeddings"
+        return Tags(modular=True, submodular=True, requires=frozenset({need}))
 
     def __post_init__(self):
         if self.source not in SOURCES:

@@ -10,8 +10,8 @@ import torch
 
 from ..errors import MissingSignalError
 from ..registry import criteria
-from ._kernels import coverage_sums, fixed_point_similarity, gather_row, gather_rows
-from .base import NORMALIZATIONS, Criterion, Tags, normalize_gains
+from ._kernels import fixed_point_similarity, gather_rows, row_blocks
+from .base import NORMALIZATIONS, Criterion, Tags
 from .coverage import Coverage
 from .diversity import Diversity
 from .relevance import SOURCES, Relevance
@@ -32,10 +32,12 @@ class TOPSObjective(Criterion):
     ``S_1``). Afterwards, for each candidate ``i ∈ U = V \\ S``,
 
     .. math:: g_i = \\tilde r_i + \\lambda\\, \\tilde c_i(U) + \\alpha\\, \\tilde d_i(S), \\qquad
-              c_i(U) = \\sum_{j \\in U} \\max(0, F_{ij} - m_j), \\quad d_i = 1 - m_i,
+              c_i(U) = \\sum_{j \\in U} \\max(0, F_{ji} - m_j), \\quad d_i = 1 - m_i,
 
-    with ``m_j = max(0, max_{s∈S} F_sj)`` shared by coverage and diversity, ``F`` the cosine
-    similarity and ``~`` a normalisation over the current candidates.
+    with ``m_j = max(0, max_{s∈S} F_js)`` shared by coverage and diversity, ``F`` the cosine
+    similarity (symmetric up to the GEMM's rounding; we read ``F_ji`` for "``i`` covers ``j``", so
+    that every update reads contiguous rows) and ``~`` a normalisation over the current candidates
+    (as :func:`~tokenprune.criteria.base.normalize_gains`).
 
     Parameters
     ----------
@@ -68,17 +70,19 @@ class TOPSObjective(Criterion):
     Tags: ``exact_gains=False`` (normalised per step), requires ``relevance`` (or ``text_embeddings``).
 
     Complexity. The paper's coverage costs ``O(N)`` per candidate and step, ``O(K N²)`` per
-    selection. Here, after a pick ``i*`` only columns with ``F_{i*j} > m_j`` (plus ``i*`` itself,
-    which leaves ``U``) change, and
+    selection. Here, after a pick ``i*`` only the tokens ``j`` with ``F_{ji*} > m_j`` (plus ``i*``
+    itself, which leaves ``U``) change their ``m_j``, and
 
-    .. math:: c_i \\mathrel{-}= \\sum_{j\\ \\text{changed}} \\big[\\max(0, F_{ij} - m_j^{old}) -
-              \\max(0, F_{ij} - m_j^{new})\\big],
+    .. math:: c_i \\mathrel{-}= \\sum_{j\\ \\text{changed}} \\big[\\max(0, F_{ji} - m_j^{old}) -
+              \\max(0, F_{ji} - m_j^{new})\\big],
 
-    ``O(N · |changed|)`` per step. A column changes only when a pick covers it better than before,
-    which happens a few times per column over a selection (about ``ln K`` times for picks in random
-    order), so the whole selection costs ``O(N² log K)``-ish instead of ``O(K N²)``. The sums are
+    ``O(N · |changed|)`` per step (contiguous rows ``j`` of ``F``; the direct formula is used while
+    more than a third of the tokens change, e.g. after the first pick). A token's ``m_j`` changes only
+    when a pick covers it better than before, which happens a few times per token over a selection
+    (about ``ln K`` times for picks in random order; about 4 times on average at N = 576-2880 in
+    ``benchmarks/bench_selectors.py``), so a selection costs a few ``N²`` passes instead of ``K``. The sums are
     exact fixed-point integers (see :class:`Coverage`), so the incremental and direct scores, and the
-    selections, are bit-identical. One transposed copy of the similarity is kept (``O(N²)`` memory).
+    selections, are bit-identical.
 
     ``evaluate(S)`` returns ``Σ_{i∈S} r_i + λ·Coverage(S) + α·Diversity(S)`` (unnormalised); the
     gains are not its marginals.
@@ -134,7 +138,9 @@ class TOPSObjective(Criterion):
         fq, scale = fixed_point_similarity(ctx)
         r = self._relevance().scores(ctx).float().masked_fill(~ctx.mask, 0.0)
         m = torch.where(ctx.mask, 0, _OUT).to(torch.int32)  # padding is never in U
-        return {"r": r, "fq": fq, "fqT": None, "scale": scale, "m": m, "c": None,
+        w = torch.tensor([1.0, float(self.coverage_weight), float(self.diversity_weight)],
+                         device=ctx.device).view(3, 1, 1)
+        return {"r": r, "fq": fq, "scale": scale, "m": m, "c": None, "w": w,
                 "size": torch.zeros(ctx.mask.shape[0], dtype=torch.long, device=ctx.device)}
 
     def gains(self, ctx, state, candidates):
@@ -142,39 +148,40 @@ class TOPSObjective(Criterion):
         if state["c"] is None:
             return r
         scale = state["scale"]
-        c = state["c"].to(torch.float64) / scale
-        d = 1.0 - state["m"].to(torch.float64) / scale
-        mode = self.normalize
-        g = (normalize_gains(r.double(), candidates, mode)
-             + self.coverage_weight * normalize_gains(c, candidates, mode)
-             + self.diversity_weight * normalize_gains(d, candidates, mode))
-        return torch.where((state["size"] == 0)[:, None], r, g.float())
+        c = state["c"].to(torch.float32).div_(scale)
+        d = state["m"].to(torch.float32).div_(-scale).add_(1.0)
+        terms = _normalize(torch.stack([r, c, d]), candidates, self.normalize)
+        g = (terms * state["w"]).sum(0)
+        if state["size"].shape[0] == 1:  # one sample: it has picked already (c is set)
+            return g
+        return torch.where((state["size"] == 0)[:, None], r, g)
 
     def update(self, ctx, state, picked, active):
         fq, m_old = state["fq"], state["m"]
-        new = torch.maximum(m_old, gather_row(fq, picked))  # m_j <- max(m_j, F_{i* j})
+        B = fq.shape[0]
+        # column semantic: token i covers token j with Fq[j, i]; the pick's column raises m
+        col = fq[0, :, picked[0]].unsqueeze(0) if B == 1 else \
+            fq.gather(2, picked.view(B, 1, 1).expand(B, fq.shape[1], 1)).squeeze(2)
+        new = torch.maximum(m_old, col)  # m_j <- max(m_j, F_{j i*})
         new.scatter_(1, picked[:, None], _OUT)  # i* leaves U
-        m_new = torch.where(active[:, None], new, m_old)
+        m_new = new if B == 1 else torch.where(active[:, None], new, m_old)
         out = {**state, "m": m_new, "size": state["size"] + active.long()}
         c = state["c"]
         if c is None or not self.incremental:
-            out["c"] = coverage_sums(fq, m_new)
+            out["c"] = _column_sums(fq, m_new)
             return out
         changed = m_new != m_old
         n_changed = int(changed.sum(1).max())
         if n_changed == 0:
             return out
         if n_changed > _DENSE_FRACTION * ctx.num_tokens:
-            out["c"] = coverage_sums(fq, m_new)
+            out["c"] = _column_sums(fq, m_new)
             return out
-        fqT = state["fqT"]
-        if fqT is None:
-            fqT = out["fqT"] = fq.transpose(1, 2).contiguous()
-        # indices of the changed columns, padded per row with unchanged ones (whose delta is 0)
-        cols = changed.to(torch.uint8).topk(n_changed, dim=1, sorted=False).indices
-        mo, mn = m_old.gather(1, cols).unsqueeze(-1), m_new.gather(1, cols).unsqueeze(-1)
-        fc = gather_rows(fqT, cols)  # [B, C, N]: fc[b, k, i] = Fq[b, i, cols[b, k]]
-        delta = (fc - mo).clamp_min_(0).sub_((fc - mn).clamp_min_(0)).sum(1, dtype=torch.int32)
+        # the changed rows j, padded per row with unchanged ones (whose delta is 0)
+        rows = changed.to(torch.uint8).topk(n_changed, dim=1, sorted=False).indices
+        mo, mn = m_old.gather(1, rows).unsqueeze(-1), m_new.gather(1, rows).unsqueeze(-1)
+        fr = gather_rows(fq, rows)  # [B, C, N]: fr[b, k, i] = Fq[b, rows[b, k], i]
+        delta = (fr - mo).clamp_min_(0).sub_((fr - mn).clamp_min_(0)).sum(1, dtype=torch.int32)
         out["c"] = c - delta
         return out
 
@@ -184,3 +191,29 @@ class TOPSObjective(Criterion):
         r = self._relevance().scores(ctx).float().masked_fill(~ctx.mask, 0.0)
         return ((r * s).sum(1) + self.coverage_weight * Coverage().evaluate(ctx, subset)
                 + self.diversity_weight * Diversity().evaluate(ctx, subset))
+
+
+def _column_sums(fq: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B, N]``: ``c_i = Σ_j max(0, Fq[j, i] - m_j)``, blocked over ``j`` (no ``N x N`` temporary)."""
+    B, N, _ = fq.shape
+    c = torch.zeros(B, N, dtype=torch.int32, device=fq.device)
+    for a, b in row_blocks(N, N, B):
+        c += (fq[:, a:b] - m[:, a:b, None]).clamp_min_(0).sum(1, dtype=torch.int32)
+    return c
+
+
+def _normalize(x: torch.Tensor, candidates: torch.Tensor, mode: str) -> torch.Tensor:
+    """:func:`normalize_gains` of stacked terms ``[T, B, N]`` over the candidates ``[B, N]``, in one pass."""
+    if mode == "none":
+        return x
+    cand = candidates.unsqueeze(0)
+    if mode == "minmax":
+        lo = torch.where(cand, x, math.inf).amin(-1, keepdim=True)
+        hi = torch.where(cand, x, -math.inf).amax(-1, keepdim=True)
+        span = hi - lo
+        ok = span > 0  # also False when there are no candidates (inf - inf = nan)
+        return torch.where(ok, (x - lo) / torch.where(ok, span, 1.0), 0.0)
+    n = candidates.sum(-1, keepdim=True).clamp_min(1).unsqueeze(0)
+    mean = torch.where(cand, x, 0.0).sum(-1, keepdim=True) / n
+    ok = mean.abs() > 1e-12
+    return torch.where(ok, x / torch.where(ok, mean.abs(), 1.0), x)

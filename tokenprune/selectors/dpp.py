@@ -10,6 +10,7 @@ import torch
 from ..criteria.diversity import TINY, LogDet, log_gain
 from ..registry import selectors
 from ..selection import from_order
+from ._host import dpp_greedy, use_host
 from .base import Selector
 
 _NEG = float("-inf")
@@ -59,7 +60,14 @@ class DPPMap(Selector):
             device = ctx.device
             K = int(k.max())
             q = objective.quality_scores(ctx)
-            d2 = objective.kernel_diagonal(ctx, q).masked_fill(~ctx.mask, _NEG)
+            diag = objective.kernel_diagonal(ctx, q)
+            if use_host(ctx):
+                K = int(k[0])
+                o, b = dpp_greedy(ctx.similarity[0].detach().numpy(), None if q is None else q[0].detach().numpy(),
+                                  diag[0].detach().numpy(), ctx.mask[0].numpy(), K, objective.kernel == "shifted")
+                return from_order(torch.from_numpy(o)[None], log_gain(torch.from_numpy(b)[None]),
+                                  torch.ones(1, K, dtype=torch.bool))
+            d2 = diag.masked_fill(~ctx.mask, _NEG)
             C = torch.zeros(B, K, N, dtype=torch.float32, device=device)
             valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
             orders, best = [], []
@@ -74,7 +82,7 @@ class DPPMap(Selector):
                     Ct = C[:, :t]
                     cj = Ct.gather(2, j.view(B, 1, 1).expand(B, t, 1))
                     lrow = torch.baddbmm(lrow.unsqueeze(1), cj.transpose(1, 2), Ct, alpha=-1.0).squeeze(1)
-                e = lrow.mul_(dj.clamp_min(TINY).rsqrt_().unsqueeze(1))
+                e = lrow.div_(dj.clamp_min(TINY).sqrt_().unsqueeze(1))
                 C[:, t] = e
                 d2.addcmul_(e, e, value=-1.0)
                 d2.scatter_(1, j.unsqueeze(1), _NEG)

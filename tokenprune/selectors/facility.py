@@ -7,10 +7,11 @@ from typing import ClassVar
 
 import torch
 
-from ..criteria._kernels import coverage_sums, fixed_point_similarity
+from ..criteria._kernels import coverage_sums, coverage_sums_at, fixed_point_similarity, gather_row
 from ..criteria.coverage import Coverage
 from ..registry import selectors
 from ..selection import from_order
+from ._host import lazy_facility_location, use_host
 from .base import Selector
 from .greedy import lazy_greedy_loop
 
@@ -21,7 +22,7 @@ class FacilityLocationGreedy(Selector):
     """Fast exact greedy for :class:`~tokenprune.criteria.Coverage` (facility location).
 
     Same picks, order and gains as ``Greedy()`` on ``Coverage()`` (ties included), without the
-    criterion-protocol overhead: the kept-set state is one int32 vector ``m`` updated in place, and
+    criterion-protocol overhead: the kept-set state is one int16 vector ``m`` updated in place, and
     candidate gains are read from the fixed-point similarity rows.
 
     Parameters
@@ -56,27 +57,24 @@ class FacilityLocationGreedy(Selector):
         with torch.no_grad():
             fq, scale = fixed_point_similarity(ctx)
             B, N = ctx.mask.shape
-            m = torch.zeros(B, N, dtype=torch.int32, device=ctx.device)
+            m = torch.zeros(B, N, dtype=torch.int16, device=ctx.device)
             first = coverage_sums(fq, m).to(torch.float32)
-            flat = fq.view(B * N, N)
-            offs = None if B == 1 else torch.arange(B, device=ctx.device).mul_(N)
-
-            def rows(index):
-                if offs is None:
-                    return flat.index_select(0, index.reshape(-1))
-                return flat.index_select(0, (index + (offs if index.dim() == 1 else offs[:, None])).reshape(-1))
 
             def evaluate(index):
-                r = rows(index).view(B, index.shape[1], N)
-                return coverage_sums(r, m).to(torch.float32)
+                return coverage_sums_at(fq, index, m).to(torch.float32)
 
             def commit(picked, active):
-                r = rows(picked)
+                r = gather_row(fq, picked)
                 if B > 1:
                     r = torch.where(active[:, None], r, m)
                 torch.maximum(m, r, out=m)
 
-            if self.lazy:
+            if self.lazy and use_host(ctx):
+                K = int(k[0])
+                o, kk = lazy_facility_location(fq[0].numpy(), first[0].numpy(), ctx.mask[0].cpu().numpy(), K)
+                order, keys = torch.from_numpy(o)[None], torch.from_numpy(kk)[None]
+                valid = torch.ones(1, K, dtype=torch.bool)
+            elif self.lazy:
                 order, keys, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
             else:
                 order, keys, valid = _dense_loop(first, lambda: coverage_sums(fq, m).to(torch.float32),

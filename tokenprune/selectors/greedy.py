@@ -12,7 +12,7 @@ import torch
 from ..errors import IncompatibleComponentsError
 from ..registry import selectors
 from ..selection import Selection, from_order
-from .base import Selector, greedy_loop
+from .base import Selector
 
 _NEG = float("-inf")
 #: Candidates re-evaluated per round of lazy greedy (doubled, then quadrupled, while a round is inconclusive).
@@ -106,7 +106,31 @@ class Greedy(Selector):
 
                 order, gains, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
                 return from_order(order, gains, valid)
-            return greedy_loop(objective, ctx, k)
+            return plain_greedy(objective, ctx, k)
+
+
+def plain_greedy(objective, ctx, k) -> Selection:
+    """Plain batched greedy: ``K`` calls of ``objective.gains``, argmax over the candidates (ties:
+    lowest index). Same picks as :func:`~tokenprune.selectors.base.greedy_loop`, with fewer ops per
+    step (no advanced indexing, one ``scatter_`` to drop the pick)."""
+    B, N = ctx.mask.shape
+    device = ctx.device
+    K = int(k.max())
+    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
+    all_active_upto = int(k.min())
+    cand = ctx.mask.clone()
+    state = objective.prepare(ctx)
+    orders, gains = [], []
+    for t in range(K):
+        active = valid[:, t]
+        g = objective.gains(ctx, state, cand).float()
+        best, pick = torch.where(cand, g, _NEG).max(1)
+        at = pick[:, None]
+        cand.scatter_(1, at, False if t < all_active_upto else ~active[:, None] & cand.gather(1, at))
+        orders.append(pick)
+        gains.append(best)
+        state = objective.update(ctx, state, pick, active)
+    return from_order(torch.stack(orders, 1), torch.stack(gains, 1), valid)
 
 
 def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, mask: torch.Tensor,
@@ -133,45 +157,39 @@ def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, 
 
     Notes
     -----
-    Each round evaluates the ``M`` largest stale bounds; the round is conclusive for a row when the
-    best fresh key is strictly larger than the ``(M+1)``-th bound (then no unevaluated token can
-    reach or tie it), or when every candidate was evaluated. The pick is the lowest index among the
-    evaluated tokens with the best key. One host sync per round.
+    ``u`` holds every token's last computed key, an upper bound of its current key. A round
+    re-evaluates, in every row, the ``M`` largest bounds not yet fresh in this step (``M`` = 16, then
+    4x more per extra round). A row is done when its maximum of ``u`` (first maximum: lowest index)
+    is fresh: no other token can beat it or tie it with a lower index, so it is plain greedy's pick.
+    One host sync per round; usually one or two rounds per step.
     """
     B, N = mask.shape
     device = mask.device
     K = int(k.max())
-    u = first.masked_fill(~mask, _NEG)  # stale upper bounds; -inf for padding and picked tokens
+    u = first.masked_fill(~mask, _NEG)  # bounds; -inf for padding and picked tokens
     valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
-    k_list = k.tolist()
-    n_min = int(mask.sum(1).min())
-    all_active_upto = min(k_list)  # steps at which every row is still active
+    all_active_upto = int(k.min())  # steps at which every row is still active
     orders, keys = [], []
     for t in range(K):
         active = valid[:, t]
-        if t == 0:
-            best, pick = u.max(1)
-        else:
+        if t:
+            stale = u.clone()  # -inf marks tokens fresh in this step (or picked, or padding)
             m = block
             while True:
-                mq = min(m, N)
-                vals, idx = u.topk(min(mq + 1, N), dim=1)
-                cand, cand_pos = idx[:, :mq].sort(1)
+                vals, cand = stale.topk(min(m, N), dim=1, sorted=False)
                 g = evaluate(cand)
-                if n_min - t < mq + 1:  # some rows have fewer candidates than evaluated tokens
-                    g = g.masked_fill(vals[:, :mq].gather(1, cand_pos) == _NEG, _NEG)
-                best, arg = g.max(1)  # first maximum: the lowest index among ties
-                if mq >= N:
-                    break
-                thresh = vals[:, mq]
-                ok = best > thresh
-                if t >= all_active_upto or n_min - t <= mq:
-                    ok = ok | ~active | (thresh == _NEG)
-                if bool(ok.all()):
+                g = torch.where(vals == _NEG, u.gather(1, cand), g)  # keep picked/padding at -inf
+                u.scatter_(1, cand, g)
+                stale.scatter_(1, cand, _NEG)
+                best, pick = u.max(1)
+                done = stale.gather(1, pick[:, None]).squeeze(1) == _NEG
+                if t >= all_active_upto:
+                    done = done | ~active
+                if m >= N or bool(done.all()):
                     break
                 m *= 4
-            pick = cand.gather(1, arg[:, None]).squeeze(1)
-            u.scatter_(1, cand, g)
+        else:
+            best, pick = u.max(1)
         u.scatter_(1, pick[:, None], _NEG)
         orders.append(pick)
         keys.append(best)

@@ -11,6 +11,7 @@ from ..criteria._kernels import gather_row
 from ..criteria.diversity import Diversity
 from ..registry import selectors
 from ..selection import from_order
+from ._host import max_min, use_host
 from .base import Selector
 
 _INF = float("inf")
@@ -61,6 +62,9 @@ class MaxMin(Selector):
             valid = torch.arange(K, device=ctx.device)[None] < k[:, None].to(ctx.device)
             nn = _nearest_similarity(F, mask)  # [B, N]: max_{j valid, j != i} F_ij
             nn = nn.clamp_min(-1.0).masked_fill(~mask, _INF)
+            if use_host(ctx):
+                o, sims = max_min(F[0].detach().numpy(), nn[0].detach().numpy(), mask[0].numpy(), K)
+                return from_order(torch.from_numpy(o)[None], 1.0 - torch.from_numpy(sims)[None], valid)
             val, j = nn.min(1)
             orders, sims = [j], [val]
             ms = gather_row(F, j).masked_fill(~mask, _INF)  # running max similarity to S
