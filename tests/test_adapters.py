@@ -376,3 +376,61 @@ def test_nested_context_refused():
             with prune(m, method("llava", pre=8)):
                 pass
     assert "get_image_features" not in m.model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------
+# towers without [CLS], registered methods
+def test_mean_attention_fallback_equals_eager():
+    t = tiny("gemma3")
+    m, inputs = t.model, t.inputs()
+    meth = tp.compose(Relevance(), selector="topk", budget=8, relevance="cls_attention")
+    with prune(m, meth, cls_fallback="mean_attention") as report, torch.no_grad():
+        m(**inputs)
+    assert any("mean attention" in n for n in report.notes)
+    vt = m.model.vision_tower
+    m.set_attn_implementation({"vision_config": "eager"})
+    try:
+        with torch.no_grad():
+            att = vt(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-1]
+    finally:
+        m.set_attn_implementation({"vision_config": "sdpa"})
+    per_patch = att.mean(1).mean(1)  # [1, P]: attention each patch receives, over heads and queries
+    side = int(per_patch.shape[1] ** 0.5)
+    ref = torch.nn.functional.avg_pool2d(per_patch.view(1, 1, side, side), 2).flatten()
+    torch.testing.assert_close(report.stages[0].scores[0], ref.float(), atol=1e-7, rtol=1e-5)
+
+
+def test_text_similarity_fallback_on_qwen():
+    t = tiny("qwen2_vl")
+    meth = tp.compose(Relevance(), selector="topk", budget=8, relevance="cls_attention")
+    with pytest.raises(tp.UnsupportedModelError, match="cls_fallback"):
+        prune(t.model, meth, cls_fallback="mean_attention")
+    with prune(t.model, meth, cls_fallback="text_similarity") as report, torch.no_grad():
+        t.model(**t.inputs())
+    assert report.stages[0].relevance == "text_similarity" and report.stages[0].tokens_after == [8]
+
+
+def test_tops_by_name_uses_the_family_schedule():
+    from tokenprune.testing.tiny_models import build_tiny_vlm
+
+    t = build_tiny_vlm("qwen2_5_vl", num_layers=8)
+    with pytest.warns(UserWarning, match="M-RoPE"):
+        s = prune(t.model, "tops", budget=16, cls_fallback="text_similarity")
+    # the Qwen2.5-VL schedule: layers 12 and 16 of 28 -> 3 and 5 of 8; 2T, 1.1T, 0.3T tokens
+    assert sorted(s.llm_stages) == [3, 5]
+    assert [st.budget.value for st in s.method.stages] == [32, 18, 5]
+    with s as report, torch.no_grad():
+        t.model.generate(**t.inputs(), max_new_tokens=2, do_sample=False)
+    assert report.tokens_per_layer == [32] * 3 + [18] * 2 + [5] * 3
+
+
+@pytest.mark.parametrize("name", tp.list_methods())
+def test_registered_methods_run(name):
+    t = tiny("llava")
+    m, inputs = t.model, t.inputs(["What is shown in this image?", "Describe."])
+    with prune(m, name, budget=16) as report:
+        out = generate(m, inputs)
+    assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + NEW)
+    assert report.pruned_calls == 1
+    assert min(report.tokens_per_layer) <= 16 and report.tokens_per_layer == sorted(report.tokens_per_layer,
+                                                                                     reverse=True)

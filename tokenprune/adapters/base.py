@@ -260,8 +260,13 @@ class ModelAdapter:
             v = v[-1]
         return int(v)
 
-    def cls_attention_module(self):
-        """The vision attention module whose [CLS] row scores the selected features.
+    #: Whether :meth:`cls_to_tokens` can map the ``"mean_attention"`` fallback (attention each patch
+    #: receives, averaged over all queries and heads) of a tower without [CLS] onto the visual tokens.
+    supports_mean_attention: ClassVar[bool] = False
+
+    def cls_attention_module(self, fallback: str | None = None):
+        """The vision attention module whose [CLS] row (or, with ``fallback="mean_attention"``, whose
+        mean attention per key) scores the selected features.
 
         Hidden state ``h`` of the tower is the output of encoder layer ``h - 1``, so for
         ``vision_feature_layer = f`` the attention is that of layer ``f - 1`` (``f >= 0``) or
@@ -270,13 +275,20 @@ class ModelAdapter:
         Raises
         ------
         UnsupportedModelError
-            The tower has no [CLS] token.
+            The tower has no [CLS] token (and the fallback is not available for this family).
         """
-        if not self.has_cls:
+        if not self.has_cls and not (fallback == "mean_attention" and self.supports_mean_attention):
+            extra = (" or cls_fallback='mean_attention' (attention each patch receives)"
+                     if self.supports_mean_attention else "")
             raise UnsupportedModelError(
                 f"{self.config.model_type}: its vision tower ({type(self.vision_tower).__name__}) has no [CLS] token, "
                 "so relevance='cls_attention' is not available; use 'text_attention' (in the LLM), "
-                "'text_similarity', or an objective that needs no relevance")
+                "'text_similarity', an objective that needs no relevance, or pass prune(..., "
+                f"cls_fallback='text_similarity'){extra}")
+        return self.feature_attention_module()
+
+    def feature_attention_module(self):
+        """The attention module of the vision encoder layer that produces the selected features."""
         tower = self.vision_tower
         enc = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
         layers = list(enc.layers)

@@ -14,7 +14,8 @@ class Gemma3Adapter(ModelAdapter):
     Visual tokens: ``mm_tokens_per_image`` (256 in the released models) per image, a square grid of
     average-pooled SigLIP patches, raster order; ``coords`` are ``(image, 0, row, col)``. The image
     features travel as one tensor, and ``token_type_ids`` (which make the image block attend
-    bidirectionally) are gathered with the prompt.
+    bidirectionally) are gathered with the prompt. With ``cls_fallback="mean_attention"`` the patch
+    scores are average-pooled to the token grid as the projector pools the patches.
 
     Before the LLM: fully supported; sliding windows then count kept tokens (the pruned prompt is
     what the model sees). Inside the LLM: supported only while the whole sequence (prompt entering
@@ -26,6 +27,7 @@ class Gemma3Adapter(ModelAdapter):
 
     model_types = ("gemma3",)
     pooler_is_tensor = True
+    supports_mean_attention = True
 
     def token_layout(self, pooler_output, record) -> TokenLayout:
         sizes = self.image_sizes_per_item(pooler_output)
@@ -39,7 +41,21 @@ class Gemma3Adapter(ModelAdapter):
                 coords.append(unknown_coords(n, i))
                 grids.append([])
         coords = torch.cat(coords)
-        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=None, grids=grids)
+        cls = None
+        if record is not None and record.cls_attention is not None:
+            cls = self.cls_to_tokens(record, sizes)
+        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=cls, grids=grids)
+
+    def cls_to_tokens(self, record, sizes) -> torch.Tensor:
+        """The ``"mean_attention"`` fallback per patch, average-pooled like the projector pools the patches."""
+        att = record.cls_attention.float()  # [n_images, patches]
+        side = square_side(att.shape[1])
+        out_side = square_side(sizes[0]) if sizes else None
+        if side is None or out_side is None or side % out_side:
+            return torch.zeros(sum(sizes))
+        k = side // out_side
+        pooled = torch.nn.functional.avg_pool2d(att.view(-1, 1, side, side), kernel_size=k, stride=k)
+        return pooled.flatten(1).reshape(-1)[: sum(sizes)].cpu()
 
     def _window(self):
         types = getattr(self.text_config, "layer_types", None) or []

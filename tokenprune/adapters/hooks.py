@@ -44,6 +44,7 @@ from .base import ModelAdapter, VisionRecord
 from .report import PruneReport, StageReport, _as_list
 
 NEWLINE_POLICIES = ("keep", "drop", "select")
+CLS_FALLBACKS = (None, "text_similarity", "mean_attention")
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()
 _PREFILL, _DECODE = "prefill", "decode"
 
@@ -181,11 +182,13 @@ class PruneSession:
     """The context manager returned by :func:`prune`; entering it attaches, leaving it restores."""
 
     def __init__(self, model, method, *, adapter=None, newlines: str = "keep", dynamic_threshold: float = 0.5,
-                 seed: int = 0, **method_params):
+                 cls_fallback: str | None = None, seed: int = 0, **method_params):
         from ..api import resolve_method
 
         if newlines not in NEWLINE_POLICIES:
             raise StageError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
+        if cls_fallback not in CLS_FALLBACKS:
+            raise StageError(f"cls_fallback must be one of {CLS_FALLBACKS}, got {cls_fallback!r}")
         if not 0.0 <= float(dynamic_threshold) <= 1.0:
             raise StageError(f"dynamic_threshold is a fraction of the largest rater's image attention, in [0, 1]; "
                              f"got {dynamic_threshold!r}")
@@ -197,6 +200,7 @@ class PruneSession:
             raise StageError(f"method parameters {sorted(method_params)} are only accepted with a method name")
         self.method = resolve_method(method, **method_params)
         self.newlines = newlines
+        self.cls_fallback = cls_fallback
         self.dynamic_threshold = float(dynamic_threshold)
         self.seed = int(seed)
         self._handles: list = []
@@ -231,6 +235,8 @@ class PruneSession:
 
     def _plan(self) -> None:
         ad, depth = self.adapter, self.adapter.depth
+        self._relevance = {i: st.relevance for i, st in enumerate(self.method.stages)}
+        self._mean_attention = False
         self.pre_stage = None
         self.llm_stages: dict = {}  # layer -> (index, stage)
         prev_int = None
@@ -255,7 +261,12 @@ class PruneSession:
                 last_layer = layer
                 self.llm_stages[layer] = (i, st)
             if st.relevance == "cls_attention":
-                ad.cls_attention_module()  # raises UnsupportedModelError for towers without [CLS]
+                if not ad.has_cls and self.cls_fallback == "text_similarity":
+                    self._relevance[i] = "text_similarity"
+                else:  # raises UnsupportedModelError for towers without [CLS] (and without the fallback)
+                    ad.cls_attention_module(self.cls_fallback)
+                    if not ad.has_cls:
+                        self._mean_attention = True
             b = st.budget
             if not b.is_fraction:
                 if prev_int is not None and b.value > prev_int:
@@ -269,7 +280,15 @@ class PruneSession:
             self._compact_note = None
         self.capture_layers = {k - 1: st for k, (_, st) in self.llm_stages.items()
                                if st.relevance in ("text_attention", "key_norm")}
-        self.need_cls = any(st.relevance == "cls_attention" for st in self.method.stages)
+        self.need_cls = any(r == "cls_attention" for r in self._relevance.values())
+        if any(r != st.relevance for r, st in zip(self._relevance.values(), self.method.stages)):
+            self._fallback_note = (f"{ad.config.model_type} has no vision [CLS] token: relevance='cls_attention' "
+                                   "was replaced by 'text_similarity' (cls_fallback)")
+        elif self._mean_attention:
+            self._fallback_note = (f"{ad.config.model_type} has no vision [CLS] token: 'cls_attention' is the mean "
+                                   "attention each patch receives at the feature layer (cls_fallback='mean_attention')")
+        else:
+            self._fallback_note = None
 
     # -- enter / exit -----------------------------------------------------------------------------
     def __enter__(self) -> PruneReport:
@@ -311,9 +330,9 @@ class PruneSession:
                 attn._TARGETS[id(mod)] = functools.partial(self._capture_text, li, st)
                 self._targets = getattr(self, "_targets", []) + [id(mod)]
         if self.need_cls:
-            mod = ad.cls_attention_module()
+            mod = ad.cls_attention_module(self.cls_fallback)
             self._switch_attn(mod.config)
-            attn._TARGETS[id(mod)] = self._capture_cls
+            attn._TARGETS[id(mod)] = self._capture_mean if self._mean_attention else self._capture_cls
             self._targets = getattr(self, "_targets", []) + [id(mod)]
         # 3. hooks
         self._handles.append(self.model.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
@@ -380,6 +399,19 @@ class PruneSession:
         probs = attn.attention_rows(query, key, attention_mask, kwargs.get("scaling"), rows,
                                     causal=bool(getattr(module, "is_causal", False)))
         self._cls_buffer.append(probs[:, 0].detach())
+
+    def _capture_mean(self, module, query, key, attention_mask, kwargs) -> None:
+        if self._cls_buffer is None:
+            return
+        n, _, Lq, _ = query.shape
+        causal = bool(getattr(module, "is_causal", False))
+        total = torch.zeros(n, key.shape[2], dtype=torch.float32, device=query.device)
+        chunk = max(1, 4096 // max(1, n))
+        for start in range(0, Lq, chunk):
+            rows = torch.arange(start, min(Lq, start + chunk), device=query.device)[None].expand(n, -1)
+            total += attn.attention_rows(query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), rows,
+                                         causal=causal).sum(1)
+        self._cls_buffer.append(total / Lq)
 
     # -- text side: attention capture at layer k - 1 -----------------------------------------------
     def _capture_text(self, layer_idx, stage, module, query, key, attention_mask, kwargs) -> None:
@@ -544,6 +576,8 @@ class PruneSession:
             ad.check_in_llm_prefill(run.llm_len)
         self._run, self._phase = run, _PREFILL
         self.report.pruned_calls += 1
+        if self._fallback_note:
+            self.report.note(self._fallback_note)
         return new
 
     def _initial_visual(self, img, layout, counts) -> _Visual:
@@ -621,7 +655,7 @@ class PruneSession:
         run.select_ms += ms
         before = vis.counts()
         kept_vis = keep & vis.valid
-        rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=stage.relevance,
+        rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=self._relevance[index],
                           tokens_before=before, tokens_after=_as_list(kept_vis.sum(1)),
                           protected=_as_list((vis.protected & kept_vis).sum(1)), select_ms=ms)
         n_orig = self.report.visual_tokens
@@ -750,9 +784,10 @@ class PruneSession:
         am = kw.get("attention_mask")
         valid = am.bool() if am is not None else torch.ones_like(img)
         text = valid & ~img
-        if stage.relevance == "cls_attention":
+        source = self._relevance[self.pre_stage[0]]
+        if source == "cls_attention":
             relevance = vis.cls
-        need_text = stage.relevance == "text_similarity" or _needs(stage.objective, "text_embeddings")
+        need_text = source == "text_similarity" or _needs(stage.objective, "text_embeddings")
         if need_text:
             with torch.no_grad():
                 emb = self.adapter.input_embeddings(ids)
@@ -760,7 +795,7 @@ class PruneSession:
             tidx = _pad_rows(rows, -1, ids.device)
             text_emb = _gather(emb, tidx, 1, 0.0).to(feats.dtype)
             text_mask = tidx >= 0
-            if stage.relevance == "text_similarity":
+            if source == "text_similarity":
                 relevance = _text_similarity(feats, vis.valid, text_emb, text_mask)
         return relevance, text_emb, text_mask
 
@@ -826,11 +861,12 @@ class PruneSession:
         elif stage.relevance == "key_norm":
             kn = cap.get("key_norm")
             relevance = None if kn is None else _gather(kn, vis.pos, 1, 0.0)
-        elif stage.relevance == "cls_attention":
+        source = self._relevance[index]
+        if source == "cls_attention":
             relevance = vis.cls
         if stage.relevance in ("text_attention", "key_norm") and relevance is None:
             raise StageError(f"no attention was captured at layer {layer_idx - 1} for stage {index}")
-        need_text = stage.relevance == "text_similarity" or _needs(stage.objective, "text_embeddings")
+        need_text = source == "text_similarity" or _needs(stage.objective, "text_embeddings")
         if need_text:
             is_vis = torch.zeros(run.B, run.cur_len + 1, dtype=torch.bool, device=hs.device)
             is_vis.scatter_(1, vis.pos.masked_fill(~vis.valid, run.cur_len), True)
@@ -838,7 +874,7 @@ class PruneSession:
             tidx = _pad_rows([text[b].nonzero().flatten() for b in range(run.B)], -1, hs.device)
             text_emb = _gather(hs, tidx, 1, 0.0)
             text_mask = tidx >= 0
-            if stage.relevance == "text_similarity":
+            if source == "text_similarity":
                 relevance = _text_similarity(feats, vis.valid, text_emb, text_mask)
         keep_vis, repl = self._select(run, index, stage, feats, relevance, text_emb, text_mask, layer_idx)
         # kept positions in the current sequence
@@ -1007,8 +1043,8 @@ def _text_similarity(feats, valid, text_emb, text_mask) -> torch.Tensor:
     return rel.masked_fill(~valid, 0.0)
 
 
-def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_threshold: float = 0.5, seed: int = 0,
-          **method_params) -> PruneSession:
+def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_threshold: float = 0.5,
+          cls_fallback: str | None = None, seed: int = 0, **method_params) -> PruneSession:
     """Prune visual tokens of a Hugging Face VLM inside a ``with`` block.
 
     ``model(...)`` and ``model.generate(...)`` run with the method's stages applied: a stage before the
@@ -1034,6 +1070,13 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     dynamic_threshold : float
         For ``raters="dynamic"``: a text token rates the image when its total attention to the
         visual tokens is at least this fraction of the largest such total among the text tokens.
+    cls_fallback : {None, "text_similarity", "mean_attention"}
+        What ``relevance="cls_attention"`` means on a vision tower without a [CLS] token (SigLIP,
+        Qwen-ViT). ``None`` (default) raises :class:`~tokenprune.UnsupportedModelError`.
+        ``"text_similarity"`` uses the text-similarity relevance instead (every family).
+        ``"mean_attention"`` uses the attention each patch receives at the feature layer, averaged over
+        all queries and heads (VisionZip's choice for towers without [CLS]); LLaVA-OneVision, Gemma3,
+        Idefics3 and SmolVLM. The report notes the substitution.
     seed : int
         Seed of the selection contexts (stage ``i`` uses ``seed + i``).
     **method_params
@@ -1104,4 +1147,4 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     >>> print(report.summary())                                             # doctest: +SKIP
     """
     return PruneSession(model, method, adapter=adapter, newlines=newlines, dynamic_threshold=dynamic_threshold,
-                        seed=seed, **method_params)
+                        cls_fallback=cls_fallback, seed=seed, **method_params)

@@ -16,11 +16,13 @@ class Idefics3Adapter(ModelAdapter):
     ``coords`` are ``(0, tile, row, col)`` with ``tile`` counted over the sample (the image index is
     not recoverable from the features alone). The tile and row/col marker tokens of the prompt
     (``<row_1_col_1>``, ``<global-img>``, ``<fake_token_around_image>``) are text and always kept. No
-    [CLS] token.
+    [CLS] token; with ``cls_fallback="mean_attention"`` the patch scores are grouped by the connector's
+    pixel shuffle and averaged.
     """
 
     model_types = ("idefics3",)
     text_model_attr = "text_model"
+    supports_mean_attention = True
 
     def tokens_per_tile(self) -> int:
         vc = self.vision_config
@@ -41,7 +43,17 @@ class Idefics3Adapter(ModelAdapter):
                 coords.append(unknown_coords(n, 0))
                 grids.append([])
         coords = torch.cat(coords)
-        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=None, grids=grids)
+        cls = None
+        if record is not None and record.cls_attention is not None:
+            cls = self.cls_to_tokens(record, sizes)
+        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=cls, grids=grids)
+
+    def cls_to_tokens(self, record, sizes) -> torch.Tensor:
+        """The ``"mean_attention"`` fallback per patch, grouped by the connector's own pixel shuffle and averaged."""
+        att = record.cls_attention.float()  # [n_tiles, patches]
+        scale = int(getattr(self.config, "scale_factor", 1))
+        shuffled = self.base.connector.pixel_shuffle(att[..., None], scale)  # [n_tiles, tokens, scale²]
+        return shuffled.mean(-1).reshape(-1)[: sum(sizes)].cpu()
 
 
 class SmolVLMAdapter(Idefics3Adapter):

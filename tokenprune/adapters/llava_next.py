@@ -116,10 +116,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     samples (``batch_num_images``), and a bilinear down-scaling of the high-resolution grid when it
     exceeds ``anyres_max_9``; then a token's ``(crop, row, col)`` is that of the nearest source
     patch (the interpolated coordinates rounded). SigLIP has no [CLS] token, so
-    ``relevance="cls_attention"`` raises :class:`~tokenprune.UnsupportedModelError`.
+    ``relevance="cls_attention"`` raises :class:`~tokenprune.UnsupportedModelError` unless
+    :func:`tokenprune.prune` gets a ``cls_fallback``; ``"mean_attention"`` scores go through the same
+    packing.
     """
 
     model_types = ("llava_onevision",)
+    supports_mean_attention = True
 
     def _num_patches(self, record) -> list:
         mod = sys.modules[type(self.base).__module__]

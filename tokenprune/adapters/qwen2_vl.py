@@ -18,8 +18,9 @@ class Qwen2VLAdapter(ModelAdapter):
     ``get_rope_index`` (or takes ``generate``'s 4-row ids), and the pruned prompt gets the gathered ids
     of the kept tokens, so every kept token keeps its ``(t, h, w)`` position and the text keeps its
     own. ``positions="compact"`` is applied as ``"preserve"`` (with a warning and a report note).
-    Inside the LLM the gathered ``(cos, sin)`` carry the same 3-D positions. The vision tower has no
-    [CLS] token. Video tokens are not pruned.
+    Inside the LLM the gathered ``(cos, sin)`` carry the same 3-D positions. The vision tower (windowed
+    attention over packed patches) has no [CLS] token and no ``"mean_attention"`` fallback; use
+    ``cls_fallback="text_similarity"``. Video tokens are not pruned.
     """
 
     model_types = ("qwen2_vl",)
@@ -65,8 +66,9 @@ class Qwen2VLAdapter(ModelAdapter):
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``); as :class:`Qwen2VLAdapter`.
 
-    ``default_schedule["tops"]`` holds TOPS's Qwen2.5-VL-7B pruning layers (12 and 16 of 28).
+    ``default_schedule["tops"]`` selects TOPS's Qwen2.5-VL schedule (layers 12 and 16 of 28), used when
+    :func:`tokenprune.prune` gets ``"tops"`` by name.
     """
 
     model_types = ("qwen2_5_vl",)
-    default_schedule = {"tops": {"layers": (12, 16), "reference_depth": 28}}
+    default_schedule = {"tops": {"schedule": "qwen2_5_vl"}}
