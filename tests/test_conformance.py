@@ -32,13 +32,9 @@ SELECTORS = tp.list_selectors()
 METHODS = tp.list_methods()
 
 #: Non-default settings worth covering too (skipped while a name is not registered).
-_RELEVANCE_TAGS = pytest.mark.xfail(
-    reason="Relevance.tags is a class constant requiring 'relevance' even for source='text_similarity', which "
-           "needs text_embeddings instead (criteria/relevance.py; reported to the criteria owner)", strict=False)
-
 CRITERION_VARIANTS = [
-    pytest.param("relevance", dict(source="text_similarity"), marks=_RELEVANCE_TAGS),
-    pytest.param("relevance", dict(source="text_similarity", reduce="mean"), marks=_RELEVANCE_TAGS),
+    ("relevance", dict(source="text_similarity")),
+    ("relevance", dict(source="text_similarity", reduce="mean")),
     ("tops_objective", dict(normalize="mean")),
     ("tops_objective", dict(normalize="none", coverage_weight=1.0)),
     ("log_det", dict(quality="given")),
