@@ -158,7 +158,10 @@ class ConfigResult:
         return float(np.mean(self.scores)) if len(self.scores) else float("nan")
 
     def family_accuracy(self) -> dict:
-        fams = sorted({f for f in self.families if f is not None})
+        from ..testbed.scenes import FAMILIES
+
+        order = {f: i for i, f in enumerate(FAMILIES)}
+        fams = sorted({f for f in self.families if f is not None}, key=lambda f: (order.get(f, len(order)), f))
         arr = np.asarray(self.families, dtype=object)
         return {f: float(np.mean(self.scores[arr == f])) for f in fams}
 
