@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="testbed_checkpoint")
+    p.add_argument("--curriculum", default="0.15:1-3,0.35:1-5,1.0:2-6",
+                   help="object-count curriculum: stage-2 time fraction : min-max objects, comma-separated")
     p.add_argument("--init", default="", help="warm start from a saved testbed checkpoint directory")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
@@ -278,7 +280,8 @@ def main(argv=None):
     stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
     bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
     drop_p = np.array([p for _, p in bgdrop]) / sum(p for _, p in bgdrop)
-    curriculum = [(0.15, (1, 3)), (0.35, (1, 5)), (1.0, (2, 6))]
+    curriculum = [(float(f), tuple(int(v) for v in r.split("-")))
+                  for f, r in (x.split(":") for x in args.curriculum.split(","))]
     t2 = elapsed()
     s2 = budget - t2
     curve, hist = [], []
