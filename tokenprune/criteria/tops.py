@@ -6,6 +6,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import MissingSignalError
@@ -138,9 +139,7 @@ class TOPSObjective(Criterion):
         fq, scale = fixed_point_similarity(ctx)
         r = self._relevance().scores(ctx).float().masked_fill(~ctx.mask, 0.0)
         m = torch.where(ctx.mask, 0, _OUT).to(torch.int32)  # padding is never in U
-        w = torch.tensor([1.0, float(self.coverage_weight), float(self.diversity_weight)],
-                         device=ctx.device).view(3, 1, 1)
-        return {"r": r, "fq": fq, "scale": scale, "m": m, "c": None, "w": w,
+        return {"r": r, "fq": fq, "scale": scale, "m": m, "c": None,
                 "size": torch.zeros(ctx.mask.shape[0], dtype=torch.long, device=ctx.device)}
 
     def gains(self, ctx, state, candidates):
@@ -150,8 +149,8 @@ class TOPSObjective(Criterion):
         scale = state["scale"]
         c = state["c"].to(torch.float32).div_(scale)
         d = state["m"].to(torch.float32).div_(-scale).add_(1.0)
-        terms = _normalize(torch.stack([r, c, d]), candidates, self.normalize)
-        g = (terms * state["w"]).sum(0)
+        t = _normalize(torch.stack([r, c, d]), candidates, self.normalize)
+        g = (t[0] + self.coverage_weight * t[1]) + self.diversity_weight * t[2]  # same op order as the NumPy loop
         if state["size"].shape[0] == 1:  # one sample: it has picked already (c is set)
             return g
         return torch.where((state["size"] == 0)[:, None], r, g)
@@ -181,9 +180,22 @@ class TOPSObjective(Criterion):
         rows = changed.to(torch.uint8).topk(n_changed, dim=1, sorted=False).indices
         mo, mn = m_old.gather(1, rows).unsqueeze(-1), m_new.gather(1, rows).unsqueeze(-1)
         fr = gather_rows(fq, rows)  # [B, C, N]: fr[b, k, i] = Fq[b, rows[b, k], i]
-        delta = (fr - mo).clamp_min_(0).sub_((fr - mn).clamp_min_(0)).sum(1, dtype=torch.int32)
+        delta = torch.minimum((fr - mo).clamp_min_(0), mn - mo).sum(1, dtype=torch.int32)  # = relu(F-mo) - relu(F-mn)
         out["c"] = c - delta
         return out
+
+    def _greedy_fast(self, ctx, k):
+        """Plain greedy on this score for one sample on the CPU, in NumPy (used by
+        :class:`~tokenprune.selectors.Greedy`): same picks and gains as the batched path. ``None``
+        when it does not apply (several samples, or a GPU)."""
+        if ctx.mask.shape[0] != 1 or ctx.device.type != "cpu":
+            return None
+        state = self.prepare(ctx)
+        K = int(k[0])
+        order, gains = _greedy_numpy(state["fq"][0].numpy(), state["r"][0].detach().numpy(), ctx.mask[0].numpy(), K,
+                                     state["scale"], float(self.coverage_weight), float(self.diversity_weight),
+                                     self.normalize, self.incremental)
+        return torch.from_numpy(order)[None], torch.from_numpy(gains)[None]
 
     def evaluate(self, ctx, subset):
         self.check(ctx)
@@ -214,6 +226,77 @@ def _normalize(x: torch.Tensor, candidates: torch.Tensor, mode: str) -> torch.Te
         ok = span > 0  # also False when there are no candidates (inf - inf = nan)
         return torch.where(ok, (x - lo) / torch.where(ok, span, 1.0), 0.0)
     n = candidates.sum(-1, keepdim=True).clamp_min(1).unsqueeze(0)
-    mean = torch.where(cand, x, 0.0).sum(-1, keepdim=True) / n
+    mean = (torch.where(cand, x, 0.0).sum(-1, keepdim=True, dtype=torch.float64) / n).to(x.dtype)
     ok = mean.abs() > 1e-12
     return torch.where(ok, x / torch.where(ok, mean.abs(), 1.0), x)
+
+
+def _normalize_np(x: np.ndarray, cand: np.ndarray, mode: str) -> np.ndarray:
+    """:func:`_normalize` for one sample's stacked float32 terms ``[T, N]`` (same arithmetic, same results)."""
+    if mode == "none":
+        return x
+    if mode == "minmax":
+        lo = np.where(cand, x, np.float32(np.inf)).min(1, keepdims=True)
+        span = np.where(cand, x, np.float32(-np.inf)).max(1, keepdims=True) - lo
+        ok = span > 0
+        return np.where(ok, (x - lo) / np.where(ok, span, np.float32(1)), np.float32(0))
+    n = max(int(cand.sum()), 1)
+    mean = (np.where(cand, x, np.float32(0)).sum(1, keepdims=True, dtype=np.float64) / n).astype(np.float32)
+    ok = np.abs(mean) > 1e-12
+    return np.where(ok, x / np.where(ok, np.abs(mean), np.float32(1)), x)
+
+
+def _greedy_numpy(fq: np.ndarray, r: np.ndarray, valid: np.ndarray, k: int, scale: float, lam: float,
+                  alpha: float, mode: str, incremental: bool):
+    """Plain greedy on the TOPS score for one sample in NumPy: the arithmetic of
+    :meth:`TOPSObjective.gains` and :meth:`TOPSObjective.update` without the per-op overhead of
+    torch on tiny tensors. Returns order int64 ``[k]`` and gains float32 ``[k]``."""
+    n = fq.shape[0]
+    m = np.where(valid, 0, _OUT).astype(np.int32)
+    cand = valid.copy()
+    c = None
+    order = np.empty(k, dtype=np.int64)
+    gains = np.empty(k, dtype=np.float32)
+    neg = np.float32(-np.inf)
+    f32 = np.float32
+    lam32, alpha32 = f32(lam), f32(alpha)
+    blocks = row_blocks(n, n)
+    terms = np.empty((3, n), dtype=np.float32)
+    terms[0] = r
+    for t in range(k):
+        if t == 0:
+            g = r
+        else:
+            terms[1] = c
+            terms[1] /= f32(scale)
+            terms[2] = m
+            terms[2] /= f32(-scale)
+            terms[2] += f32(1.0)
+            tn = _normalize_np(terms, cand, mode)
+            g = (tn[0] + lam32 * tn[1]) + alpha32 * tn[2]
+        i = int(np.where(cand, g, neg).argmax())
+        order[t], gains[t] = i, g[i]
+        cand[i] = False
+        new = np.maximum(m, fq[:, i])
+        new[i] = _OUT
+        if c is None or not incremental:
+            c = _column_sums_np(fq, new, blocks)
+        else:
+            rows = np.flatnonzero(new != m)
+            if len(rows) > _DENSE_FRACTION * n:
+                c = _column_sums_np(fq, new, blocks)
+            elif len(rows):
+                mo = m[rows, None]
+                fr = fq[rows] - mo  # int32; max(0, F - mo) - max(0, F - mn) = min(max(F - mo, 0), mn - mo)
+                np.maximum(fr, 0, out=fr)
+                np.minimum(fr, new[rows, None] - mo, out=fr)
+                c = c - fr.sum(0, dtype=np.int32)
+        m = new
+    return order, gains
+
+
+def _column_sums_np(fq: np.ndarray, m: np.ndarray, blocks) -> np.ndarray:
+    c = np.zeros(fq.shape[1], dtype=np.int32)
+    for a, b in blocks:
+        c += np.maximum(fq[a:b].astype(np.int32) - m[a:b, None], 0).sum(0, dtype=np.int32)
+    return c

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..criteria.coverage import Coverage
 from ..errors import IncompatibleComponentsError
 from ..registry import selectors
 from ..selection import Selection, from_order
@@ -94,6 +95,10 @@ class Greedy(Selector):
         with torch.no_grad():
             if self.stochastic is not None:
                 return _stochastic_greedy(objective, ctx, k, float(self.stochastic))
+            if self.lazy and type(objective) is Coverage:  # the specialised loop: same picks, faster
+                from .facility import FacilityLocationGreedy
+
+                return FacilityLocationGreedy()._select(objective, ctx, k)
             if self.lazy:
                 state = [objective.prepare(ctx)]
                 first = objective.gains(ctx, state[0], ctx.mask).float()
@@ -106,6 +111,11 @@ class Greedy(Selector):
 
                 order, gains, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
                 return from_order(order, gains, valid)
+            fast = getattr(objective, "_greedy_fast", None)  # a criterion's own single-sample loop
+            out = fast(ctx, k) if fast is not None else None
+            if out is not None:
+                order, gains = out
+                return from_order(order, gains, torch.ones(order.shape, dtype=torch.bool))
             return plain_greedy(objective, ctx, k)
 
 
