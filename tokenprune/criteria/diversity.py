@@ -45,6 +45,15 @@ class Diversity(Criterion):
     ----------
     TOPS, arXiv:2606.27161 (semantic diversity ``d_i = 1 - m_i``). DivPrune, CVPR 2025,
     arXiv:2503.02175 (max-min diversity).
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> ctx = tp.make_context(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    >>> d = Diversity()
+    >>> s = d.update(ctx, d.prepare(ctx), torch.tensor([0]), torch.tensor([True]))
+    >>> d.gains(ctx, s, ctx.mask).round(decimals=3)
+    tensor([[0.0000, 1.0000, 0.2930]])
     """
 
     tags: ClassVar[Tags] = Tags(exact_gains=False, nonincreasing_gains=True)
@@ -130,6 +139,14 @@ class LogDet(Criterion):
     CDPruner, arXiv:2506.10967. Chen, Zhang & Zhou, "Fast greedy MAP inference for determinantal
     point process to improve recommendation diversity", NeurIPS 2018, arXiv:1709.05135.
     Kulesza & Taskar, "Determinantal point processes for machine learning", arXiv:1207.6083.
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.selectors import DPPMap
+    >>> ctx = tp.make_context(torch.randn(1, 16, 8), relevance=torch.rand(1, 16))
+    >>> DPPMap().select(LogDet(quality="given"), ctx, 4).indices.shape
+    torch.Size([1, 4])
     """
 
     quality: str | None = None

@@ -48,6 +48,16 @@ class FacilityLocationGreedy(Selector):
     ----------
     Minoux 1978 (lazy greedy); Nemhauser, Wolsey & Fisher 1978 (facility location is monotone
     submodular); TOPS, arXiv:2606.27161 (information coverage).
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.criteria import Coverage
+    >>> from tokenprune.selectors import Greedy
+    >>> ctx = tp.make_context(torch.randn(1, 64, 8))
+    >>> a = FacilityLocationGreedy().select(Coverage(), ctx, 8)
+    >>> torch.equal(a.order, Greedy().select(Coverage(), ctx, 8).order)
+    True
     """
 
     objective_types: ClassVar[tuple] = (Coverage,)

@@ -48,6 +48,13 @@ class MaxMin(Selector):
     ----------
     DivPrune: diversity-based visual token pruning, CVPR 2025, arXiv:2503.02175. Max-min diversity:
     Ravi, Rosenkrantz & Tayi 1994 (farthest-point greedy).
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    >>> MaxMin().select(None, tp.make_context(x), 2).order.tolist()  # 3: farthest from its neighbour; 0: from 3
+    [[3, 0]]
     """
 
     needs_objective: ClassVar[bool] = False

@@ -39,6 +39,14 @@ class Random(Selector):
     References
     ----------
     "Token pruning in multimodal LLMs: are we solving the right problem?", arXiv:2502.11501.
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> ctx = tp.make_context(torch.randn(1, 10, 4))
+    >>> a, b = Random(seed=1).select(None, ctx, 4), Random(seed=1).select(None, ctx, 4)
+    >>> torch.equal(a.indices, b.indices), a.indices[0].tolist() == sorted(a.indices[0].tolist())
+    (True, True)
     """
 
     needs_objective: ClassVar[bool] = False

@@ -95,6 +95,14 @@ class Pooling(Selector):
     References
     ----------
     "Token pruning in multimodal LLMs: are we solving the right problem?", arXiv:2502.11501.
+    
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> ctx = tp.make_context(torch.randn(1, 576, 8))  # a 24 x 24 grid, inferred
+    >>> sel = Pooling().select(None, ctx, 64)  # 8 x 8 windows of 3 x 3 tokens
+    >>> sel.indices.shape, sel.features.shape, sel.indices[0, :3].tolist()
+    (torch.Size([1, 64]), torch.Size([1, 64, 8]), [25, 28, 31])
     """
 
     needs_objective: ClassVar[bool] = False
@@ -180,6 +188,14 @@ class WindowTopK(Selector):
     ----------
     FastV, arXiv:2403.06764. "Token pruning in multimodal LLMs: are we solving the right problem?",
     arXiv:2502.11501.
+    
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.criteria import Relevance
+    >>> ctx = tp.make_context(torch.randn(1, 16, 4), relevance=torch.arange(16.0)[None], grid=(4, 4))
+    >>> WindowTopK(windows=2).select(Relevance(), ctx, 4).indices.tolist()  # the best token of each 2 x 2 window
+    [[5, 7, 13, 15]]
     """
 
     windows: int | tuple = 4

@@ -22,12 +22,25 @@ class TopK(Selector):
     Parameters
     ----------
     largest : bool
-        ``False`` keeps the smallest gains instead (ReverseFastV).
+        ``False`` keeps the smallest gains instead (ReverseFastV: the usual reading of the seed paper's
+        baseline, arXiv:2502.11501, which keeps the lowest-attention tokens).
+
+    Examples
+    --------
+    >>> import torch, tokenprune as tp
+    >>> from tokenprune.criteria import Relevance
+    >>> ctx = tp.make_context(torch.randn(1, 6, 4), relevance=torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2, 0.7]]))
+    >>> TopK().select(Relevance(), ctx, 3).order.tolist(), TopK(largest=False).select(Relevance(), ctx, 2).indices.tolist()
+    ([[1, 3, 5]], [[0, 4]])
     """
 
     largest: bool = True
 
     def _select(self, objective, ctx, k):
+        with torch.no_grad():
+            return self._topk(objective, ctx, k)
+
+    def _topk(self, objective, ctx, k):
         state = objective.prepare(ctx)
         g = objective.gains(ctx, state, ctx.mask).float()
         key = g if self.largest else -g
