@@ -54,6 +54,8 @@ Shapes (all random weights, built from configs):
   hidden 256, 4 layers; Llama hidden 1024, 8 layers, 16 heads, MLP 2816, vocab 32000; ~173 M params.
 * ``tiny`` (``--quick``): the same classes at 112 px (64 visual tokens), CLIP hidden 64 / 2 layers,
   text hidden 64 / 4 layers, vocab 512; default budget 16. Only checks that everything runs.
+* ``tiny-next``: the ``llava-next-7b`` code path at the ``tiny`` sizes (112 px crops, 320 visual
+  tokens + 16 newlines, default budget 64), to check that path on a CPU.
 * ``llava-1.5-7b``: CLIP ViT-L/14-336 (1024, 24 layers) and Llama-2-7B-shaped Vicuna (4096, 32 layers,
   MLP 11008, vocab 32064), 576 visual tokens.
 * ``llava-next-7b``: the same towers, anyres pinpoints of LLaVA-v1.6; the photo is resized to
@@ -90,7 +92,8 @@ from tokenprune.testing.tiny_models import make_tokenizer, sample_images  # noqa
 QUESTION = "What is shown in this image? Answer in one short sentence."
 TEMPLATE = "USER: {image}\n{question} ASSISTANT:"
 #: budgets (visual tokens kept of 576) of the TOPS paper: 77.8 / 88.9 / 94.4 % removed
-BUDGETS = {"cpu": (128, 64, 32), "tiny": (16,), "llava-1.5-7b": (128, 64, 32), "llava-next-7b": (640, 320, 160)}
+BUDGETS = {"cpu": (128, 64, 32), "tiny": (16,), "tiny-next": (64,), "llava-1.5-7b": (128, 64, 32),
+           "llava-next-7b": (640, 320, 160)}
 SHAPES = tuple(BUDGETS)
 
 
@@ -146,7 +149,7 @@ def build(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> Bench:
     tok = make_tokenizer()
     image_id = tok.convert_tokens_to_ids("<image>")
     photo = sample_images()[0]  # china.jpg, 640 x 427
-    if shape == "tiny":
+    if shape in ("tiny", "tiny-next"):
         vision, text = _clip(64, 128, 2, 4, size=112), _llama(64, 128, 4, 4, 512)
     elif shape == "cpu":
         vision, text = _clip(256, 1024, 4, 4), _llama(1024, 2816, 8, 16, 32000)
@@ -155,15 +158,16 @@ def build(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> Bench:
     size = vision.image_size
     common = dict(vision_config=vision, text_config=text, image_token_index=image_id, vision_feature_layer=-2,
                   vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    ip_name = "LlavaNextImageProcessor" if shape == "llava-next-7b" else "CLIPImageProcessor"
+    next_ = shape in ("llava-next-7b", "tiny-next")
+    ip_name = "LlavaNextImageProcessor" if next_ else "CLIPImageProcessor"
     ip_cls = getattr(transformers, ip_name + "Pil", None) or getattr(transformers, ip_name)
-    if shape == "llava-next-7b":
-        pin = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    if next_:  # LLaVA-v1.6 pinpoints; a square 2x2-crop image gives the maximum token count
+        pin = [[size * a, size * c] for a, c in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
         cfg = LlavaNextConfig(image_grid_pinpoints=pin, **common)
-        ip = ip_cls(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pin)
+        ip = ip_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=pin)
         proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-        model_cls, photo = LlavaNextForConditionalGeneration, photo.resize((672, 672))
+        model_cls, photo = LlavaNextForConditionalGeneration, photo.resize((2 * size, 2 * size))
     else:
         cfg = LlavaConfig(image_seq_length=(size // 14) ** 2, **common)
         ip = ip_cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
