@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from fractions import Fraction
@@ -30,6 +31,7 @@ def resolve_grid(ctx, who: str) -> tuple[int, int]:
                              f"N = {n} tokens is not a square, so it cannot be inferred")
 
 
+@functools.lru_cache(maxsize=256)
 def pooled_shape(k: int, rows: int, cols: int) -> tuple[int, int]:
     """The pooled grid ``(r, c)`` for a budget of ``k`` tokens on a ``rows x cols`` grid.
 
@@ -51,7 +53,12 @@ def pooled_shape(k: int, rows: int, cols: int) -> tuple[int, int]:
 
 def _window_ids(rows: int, cols: int, r: int, c: int, device):
     """long ``[N]`` window id (raster order over the ``r x c`` windows) of each token, and twice each
-    token's squared distance to its window's centre (an exact integer key)."""
+    token's squared distance to its window's centre (an exact integer key). Cached per layout."""
+    return _window_ids_cached(rows, cols, r, c, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_ids_cached(rows: int, cols: int, r: int, c: int, device: str):
     y = torch.arange(rows, device=device)
     x = torch.arange(cols, device=device)
     wy, wx = (y * r) // rows, (x * c) // cols  # partition: window i holds y with i <= y r / rows < i + 1
@@ -115,8 +122,12 @@ class Pooling(Selector):
             D = ctx.features.shape[-1]
             device = ctx.device
             feats = ctx.features
+            ks = sorted(set(k.tolist()))
+            if len(ks) == 1:  # one budget for all rows (the usual case): no regrouping
+                o, g, v, f = self._pool(feats, ctx.mask, ks[0], rows, cols)
+                return from_order(o, g, v, features=f)
             parts = {}
-            for kv in sorted(set(k.tolist())):
+            for kv in ks:
                 sel = (k == kv).nonzero().squeeze(1).to(device)
                 parts[kv] = (sel, self._pool(feats.index_select(0, sel), ctx.mask.index_select(0, sel),
                                              kv, rows, cols))
