@@ -16,7 +16,7 @@ from ..selection import Selection, from_order
 from .base import Selector
 
 _NEG = float("-inf")
-#: Candidates re-evaluated per round of lazy greedy (doubled, then quadrupled, while a round is inconclusive).
+#: Candidates re-evaluated in the first round of a lazy-greedy step (4x more per further round).
 LAZY_BLOCK = 16
 
 
@@ -54,6 +54,10 @@ class Greedy(Selector):
     is a ``(1 - 1/e)`` approximation (Nemhauser et al. 1978). Greedy has the prefix property: the
     first ``k`` picks of a run at budget ``K`` are the run at ``k``. Ties go to the lowest index.
     Rows of a batch are independent; padding is never picked.
+
+    Specialised loops with the same picks and gains are used where they exist: lazy greedy on
+    :class:`~tokenprune.criteria.Coverage` runs :class:`FacilityLocationGreedy`, and plain greedy on
+    :class:`~tokenprune.criteria.TOPSObjective` for one sample on the CPU runs its NumPy loop.
 
     References
     ----------
