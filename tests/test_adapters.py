@@ -356,7 +356,7 @@ def test_prompt_without_image_is_not_pruned(family):
 def test_gemma3_in_llm_beyond_sliding_window():
     from tokenprune.testing.tiny_models import build_tiny_vlm
 
-    t = build_tiny_vlm("gemma3", text_kw={"sliding_window": 64})
+    t = build_tiny_vlm("gemma3", small=True, text_kw={"sliding_window": 64})
     inputs = t.inputs()
     assert inputs["input_ids"].shape[1] >= 64
     meth = tp.compose(Relevance(), selector="topk", budget=8, layer=2, relevance="text_attention")
@@ -434,3 +434,110 @@ def test_registered_methods_run(name):
     assert report.pruned_calls == 1
     assert min(report.tokens_per_layer) <= 16 and report.tokens_per_layer == sorted(report.tokens_per_layer,
                                                                                      reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# batches with different image sizes, labels, newline tokens
+def _two_sizes():
+    from tokenprune.testing.tiny_models import sample_images
+
+    a, b = sample_images()
+    return [a, b.crop((0, 0, 300, 427))]  # different anyres grids: 234 and 272 visual tokens
+
+
+def test_batch_with_different_visual_counts_is_repadded():
+    t = tiny("llava_next")
+    m = t.model
+    questions = ["What is shown in this image?", "Describe the picture."]
+    images = _two_sizes()
+    batch = t.inputs(questions, images=images)
+    ad = get_model_adapter(m)
+    counts = (batch["input_ids"] == ad.image_token_id).sum(1)
+    assert counts[0] != counts[1]
+    meth = PruningMethod(stages=(
+        Stage(objective=Relevance(), selector="topk", budget=16, relevance="cls_attention"),
+        Stage(objective=Relevance(), selector="topk", budget=6, layer=2, relevance="text_attention"),
+    ))
+    with prune(m, meth, newlines="drop") as report:
+        gb = generate(m, batch)
+        assert report.stages[0].tokens_after == [16, 16] and report.stages[1].tokens_after == [6, 6]
+        singles = [generate(m, t.inputs(q, images=im)) for q, im in zip(questions, images)]
+    for i, gs in enumerate(singles):
+        assert torch.equal(gb.sequences[i, -NEW:], gs.sequences[0, -NEW:])
+        for step in range(NEW):
+            torch.testing.assert_close(gb.logits[step][i], gs.logits[step][0], atol=1e-4, rtol=1e-4)
+    # inside the LLM the lengths must stay equal
+    in_llm = tp.compose(Relevance(), selector="topk", budget=6, layer=2, relevance="text_attention")
+    with pytest.raises(tp.StageError, match="different sequence lengths"):
+        with prune(m, in_llm, newlines="drop"):
+            generate(m, batch)
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop", "select"])
+def test_newline_policies(policy):
+    t = tiny("llava_next")
+    m, inputs = t.model, t.inputs()
+    ad = get_model_adapter(m)
+    with torch.no_grad():
+        feats = ad.flatten_features(m.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output)
+    newline = (feats == m.model.image_newline).all(-1)
+    n_nl = int(newline.sum())
+    assert n_nl > 0
+    with prune(m, method("llava_next", pre=12), newlines=policy) as report, torch.no_grad():
+        m(**inputs)
+    s = report.stages[0]
+    kept = s.kept[0]
+    if policy == "keep":
+        assert s.protected == [n_nl] and s.tokens_after == [12 + n_nl] and not newline[kept].any()
+        assert (s.coords[0][:, 1:] >= 0).all()
+    elif policy == "drop":
+        assert s.protected == [0] and s.tokens_after == [12] and not newline[kept].any()
+    else:
+        assert s.protected == [0] and s.tokens_after == [12]
+
+
+def test_labels_are_pruned_with_the_prompt():
+    t = tiny("llava")
+    m, inputs = t.model, t.inputs()
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == get_model_adapter(m).image_token_id, -100)
+    with torch.no_grad():
+        ref = m(**inputs, labels=labels).loss
+        with prune(m, method("llava", pre=1.0)):
+            same = m(**inputs, labels=labels).loss
+        with prune(m, method("llava", pre=8)) as report:
+            out = m(**inputs, labels=labels)
+    assert torch.equal(ref, same)
+    L = inputs["input_ids"].shape[1]
+    assert out.logits.shape[1] == L - 56 and torch.isfinite(out.loss)
+    # the loss is over the text tokens only, shifted: compare with the pruned logits and labels
+    keep = torch.ones(L, dtype=torch.bool)
+    img = (inputs["input_ids"][0] == get_model_adapter(m).image_token_id).nonzero().flatten()
+    keep[img] = False
+    keep[img[report.stages[0].kept[0]]] = True
+    lab = labels[0, keep]
+    manual = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), lab[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_right_padded_forward():
+    t = tiny("llava")
+    m = t.model
+    questions = ["What is shown in this image?", "Describe."]
+    t.processor.tokenizer.padding_side = "right"
+    try:
+        from tokenprune.testing.tiny_models import sample_images
+
+        photos = sample_images()
+        batch = t.processor(images=list(photos), text=[t.prompt(q) for q in questions], return_tensors="pt",
+                            padding=True)
+    finally:
+        t.processor.tokenizer.padding_side = "left"
+    assert (batch["attention_mask"][:, -1] == 0).any()
+    meth = method("llava", pre=8)
+    with prune(m, meth), torch.no_grad():
+        out = m(**batch).logits
+        ends = (batch["attention_mask"].sum(1) - 56).tolist()
+        for i, q in enumerate(questions):
+            single = m(**t.inputs(q, images=photos[i])).logits
+            torch.testing.assert_close(out[i, ends[i] - 1], single[0, -1], atol=1e-4, rtol=1e-4)

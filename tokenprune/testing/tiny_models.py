@@ -212,11 +212,12 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
         Seed of the random weights.
     small : bool
         Smaller image resolutions (fewer visual tokens, faster tests): LLaVA 112 px (64 tokens),
-        LLaVA-NeXT 112 px crops, LLaVA-OneVision 112 px crops; the other families are already small.
+        LLaVA-NeXT 112 px crops, LLaVA-OneVision 112 px crops, Gemma3 64 tokens per image (pooled
+        2 x 2); the other families are already small.
     dtype : torch.dtype, optional
         Model dtype (default float32).
     text_kw : dict, optional
-        Overrides for the text config (e.g. ``sliding_window`` for Gemma3, whose default here is 128).
+        Overrides for the text config (e.g. ``sliding_window`` for Gemma3, whose default here is 512).
 
     Returns
     -------
@@ -231,7 +232,8 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
     -----
     Visual tokens for the 640 x 427 sample photo (``small=False``): llava 576, llava_next 2144 (5 crops,
     unpadded, with ``image_newline``), llava_onevision 2709, qwen2_vl / qwen2_5_vl 247 (a 19 x 13
-    merged grid), idefics3 / smolvlm 245 (4 tiles and the global image, 49 each), gemma3 64.
+    merged grid), idefics3 / smolvlm 245 (4 tiles and the global image, 49 each), gemma3 256 (64 with
+    ``small=True``).
     """
     import torch
 
@@ -348,16 +350,17 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
             "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
         types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, vocab_size=VOCAB_SIZE, sliding_window=128,
+                    num_key_value_heads=2, head_dim=16, vocab_size=VOCAB_SIZE, sliding_window=512,
                     layer_types=types, max_position_embeddings=8192, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
                     eos_token_id=EOS_ID)
         vision = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
                       num_hidden_layers=vision_layers, num_attention_heads=4, image_size=224, patch_size=14)
-        cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=64,
+        n_img = 64 if small else 256  # SigLIP 224 / 14 = 16 x 16 patches, pooled to 8 x 8 or kept
+        cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=n_img,
                            boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
                            image_token_index=tok.image_token_id)
         ip = _image_processor("Gemma3ImageProcessor", size={"height": 224, "width": 224})
-        proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=64)
+        proc = Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=n_img)
         model_cls = Gemma3ForConditionalGeneration
         placeholder = "<start_of_image>"
         template = "<s>user\n{image}{question}\nmodel\n"
