@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on both)")
     p.add_argument("--out", default="testbed_checkpoint")
     p.add_argument("--curriculum", default="0.15:1-3,0.35:1-5,1.0:2-6",
                    help="object-count curriculum: stage-2 time fraction : min-max objects, comma-separated")
@@ -180,15 +181,20 @@ def main(argv=None):
     tower = base.vision_tower
     log(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; args {vars(args)}")
 
+    dev = torch.device(args.device)
+    model.to(dev)
+    cls_head.to(dev)
+    patch_head.to(dev)
+
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
 
     def aux_losses(vout, presence, plab, pcen):
         l_cls = F.binary_cross_entropy_with_logits(cls_head(vout.pooler_output).float(), presence)
         po = patch_head(vout.last_hidden_state[:, 1:]).float()
         l_patch = F.cross_entropy(po[..., : S.NUM_COMBOS + 1].reshape(-1, S.NUM_COMBOS + 1), plab.reshape(-1),
                                   ignore_index=-100)
-        l_patch = l_patch + F.binary_cross_entropy_with_logits(po[..., -1], pcen, pos_weight=torch.tensor(10.0))
+        l_patch = l_patch + F.binary_cross_entropy_with_logits(po[..., -1], pcen, pos_weight=torch.tensor(10.0, device=dev))
         return l_cls + l_patch
 
     @torch.no_grad()
@@ -197,13 +203,14 @@ def main(argv=None):
         correct = np.zeros(len(S.FAMILIES))
         total = np.zeros(len(S.FAMILIES))
         for b in evals:
+            b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
             with autocast():
                 feats = base.multi_modal_projector(tower(b["pixel_values"]).last_hidden_state[:, 1:])
                 emb = base.get_input_embeddings()(b["input_ids"])
                 emb = emb.masked_scatter((b["input_ids"] == S.IMAGE_ID)[..., None], feats.to(emb.dtype))
                 h = base.language_model(inputs_embeds=emb).last_hidden_state
                 pred = model.lm_head(h[torch.arange(h.shape[0]), b["last"]]).float().argmax(-1)
-            ok = (pred == b["labels"]).numpy()
+            ok = (pred == b["labels"]).cpu().numpy()
             for f in range(len(S.FAMILIES)):
                 correct[f] += ok[b["family"] == f].sum()
                 total[f] += (b["family"] == f).sum()
@@ -237,7 +244,7 @@ def main(argv=None):
         batch_scenes = [S.make_scene(rng, backgrounds) for _ in range(64)]
         pv = torch.from_numpy(S.pixel_values(np.stack([s.image for s in batch_scenes])))
         pres = torch.from_numpy(np.stack([S.presence(s) for s in batch_scenes]))
-        loss = stage1(pv, pres, *patch_targets(batch_scenes))
+        loss = stage1(pv.to(dev), pres.to(dev), *(t.to(dev) for t in patch_targets(batch_scenes)))
         opt1.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params1, 1.0)
@@ -267,10 +274,10 @@ def main(argv=None):
             kept = torch.gather(feats, 1, keep[..., None].expand(-1, -1, feats.shape[-1]))
             seq = torch.cat([emb[:, :1], kept.to(emb.dtype), emb[:, 1 + S.NUM_PATCHES:]], 1)
             n_text = input_ids.shape[1] - 1 - S.NUM_PATCHES
-            pos = torch.cat([torch.zeros(B, 1, dtype=torch.long), 1 + keep,
-                             (1 + S.NUM_PATCHES + torch.arange(n_text))[None].expand(B, -1)], 1)
+            pos = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), 1 + keep,
+                             (1 + S.NUM_PATCHES + torch.arange(n_text, device=dev))[None].expand(B, -1)], 1)
             h = base.language_model(inputs_embeds=seq, position_ids=pos,
-                                    attention_mask=torch.ones(B, seq.shape[1], dtype=torch.long)).last_hidden_state
+                                    attention_mask=torch.ones(B, seq.shape[1], dtype=torch.long, device=dev)).last_hidden_state
             idx = torch.where(answer_pos > S.NUM_PATCHES, answer_pos - S.NUM_PATCHES + K, 0)
             lg = model.lm_head(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))).float()
             lg = lg.reshape(-1, lg.shape[-1])
@@ -306,8 +313,9 @@ def main(argv=None):
             keep = torch.from_numpy(np.stack(keep)).long()
         else:
             keep = torch.arange(S.NUM_PATCHES)[None].expand(args.batch_size, -1).contiguous()
+        b = {k_: v.to(dev) for k_, v in b.items()}
         loss, l_ans, lg = stage2(b["input_ids"], b["pixel_values"], b["answer_pos"], b["answers"], b["presence"],
-                                 plab, pcen, keep)
+                                 plab.to(dev), pcen.to(dev), keep.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
