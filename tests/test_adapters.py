@@ -541,3 +541,24 @@ def test_right_padded_forward():
         for i, q in enumerate(questions):
             single = m(**t.inputs(q, images=photos[i])).logits
             torch.testing.assert_close(out[i, ends[i] - 1], single[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_manual_decoding_loop_matches_generate(family):
+    """Calling the model step by step with its cache (no position ids) decodes like generate."""
+    t = tiny(family)
+    m, inputs = t.model, t.inputs()
+    meth = method(family, pre=20, mid=10, layer=2)
+    with prune(m, meth):
+        ref = generate(m, inputs)
+        with torch.no_grad():
+            out = m(**inputs, use_cache=True)
+            mask = inputs["attention_mask"]
+            logits = [out.logits[:, -1]]
+            for _ in range(NEW - 1):
+                nxt = logits[-1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+                out = m(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1])
+    for a, b in zip(logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -32,14 +32,15 @@ class VisionRecord:
         ``generate`` drops them from its own kwargs before the first forward, so this is where the
         adapter finds them.
     output : Any
-        What ``get_image_features`` returned (its ``pooler_output`` holds the features).
+        What ``get_image_features`` returned, when the holder keeps it (the pruning context does not:
+        it matches records to outputs by identity through a weak reference).
     cls_attention : torch.Tensor or None
         float32 ``[n_crops, n_vision_tokens]``: head-averaged attention of the vision tower's [CLS]
         query to every token, at the layer that produces the selected features.
     """
 
     kwargs: dict
-    output: Any
+    output: Any = None
     cls_attention: torch.Tensor | None = None
 
 

@@ -173,6 +173,7 @@ class _Run:
     done_layers: set = field(default_factory=set)
     select_ms: float = 0.0
     decode_kv: int = 0
+    cache_in: object = None                # the (empty) cache the prefill was given, if any
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,9 +386,14 @@ class PruneSession:
             if isinstance(extra, dict):
                 bound.update(extra)
             cls = torch.cat(self._cls_buffer, 0) if self._cls_buffer else None
-            if len(self._records) >= 4:
+            while len(self._records) >= 2:  # only the latest calls can feed a prefill
                 self._records.pop(next(iter(self._records)))
-            self._records[id(out)] = VisionRecord(kwargs=bound, output=out, cls_attention=cls)
+            try:
+                ref = weakref.ref(out)
+            except TypeError:  # e.g. return_dict=False gives a tuple, which no forward takes anyway
+                return out
+            # the record holds no strong reference to the output (vision hidden states can be large)
+            self._records[id(out)] = (ref, VisionRecord(kwargs=bound, output=None, cls_attention=cls))
             return out
         finally:
             self._cls_buffer = None
@@ -494,7 +500,12 @@ class PruneSession:
         if missing:
             raise StageError(f"in-LLM stages at layers {sorted(missing)} did not run (the text model did not call "
                              "those layers during the prefill); chunked prefill is not supported")
-        pkv = getattr(output, "past_key_values", None)
+        pkv = getattr(output, "past_key_values", None) if not isinstance(output, tuple) else None
+        if pkv is None and isinstance(output, tuple):
+            pkv = next((o for o in output if hasattr(o, "get_seq_length")), None)
+        if pkv is None:
+            pkv = run.cache_in
+        run.cache_in = None
         if pkv is not None:
             for key in [k for k, (ref, _) in self._runs.items() if ref() is None]:
                 del self._runs[key]
@@ -537,11 +548,10 @@ class PruneSession:
                 raise StageError("the prompt has image tokens but neither pixel_values nor mm_encoder_outputs")
             ikw["return_dict"] = True
             out = ad.base.get_image_features(**ikw)
-        rec = self._records.get(id(out))
-        if rec is not None and rec.output is not out:
-            rec = None
+        entry = self._records.pop(id(out), None)
+        rec = entry[1] if entry is not None and entry[0]() is out else None
         pooler = out.pooler_output
-        flat = ad.flatten_features(pooler)
+        flat = ad.flatten_features(pooler).to(dev)
         counts = img.sum(1)
         if flat.shape[0] != int(counts.sum()):
             raise ShapeError(f"{int(counts.sum())} image tokens in input_ids but {flat.shape[0]} image feature rows")
@@ -556,7 +566,7 @@ class PruneSession:
         new_mm["image"] = out
         new["mm_encoder_outputs"] = new_mm
 
-        run = _Run(B=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"))
+        run = _Run(B=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"), cache_in=kw.get("past_key_values"))
         run.visual = self._initial_visual(img, layout, counts)
         self.report.visual_tokens = _as_list(counts)
         run.counts_after_pre = run.visual.counts()
@@ -653,6 +663,9 @@ class PruneSession:
                 repl = (repl, has)
         ms = (time.perf_counter() - t0) * 1e3
         run.select_ms += ms
+        if first and len(rows_with) and not budget.is_fraction and budget.value >= int(n[rows_with].max()):
+            self.report.note(f"stage {index} keeps {budget.value} tokens, at least as many as there are "
+                             f"({int(n[rows_with].max())}): it kept them all")
         before = vis.counts()
         kept_vis = keep & vis.valid
         rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=self._relevance[index],
@@ -807,6 +820,8 @@ class PruneSession:
         if self._phase == _DECODE:
             return self._layer_decode(layer_idx, run, args, kwargs)
         hs = args[0] if args else kwargs["hidden_states"]
+        if run.cur_valid.device != hs.device:  # layers spread over devices
+            _move_run(run, hs.device)
         if hs.shape[1] != run.cur_len:
             raise StageError(f"decoder layer {layer_idx} got {hs.shape[1]} tokens during the prefill, expected "
                              f"{run.cur_len}; chunked prefill is not supported with in-LLM pruning")
@@ -921,6 +936,9 @@ class PruneSession:
             return None
         g, shift = grp
         kwargs = dict(kwargs)
+        ref = args[0] if args else kwargs["hidden_states"]
+        g = g.to(ref.device)
+        shift = None if shift is None else shift.to(ref.device)
         changed = False
         m = kwargs.get("attention_mask")
         if isinstance(m, torch.Tensor):
@@ -1002,6 +1020,19 @@ class PruneSession:
         rep.tokens_per_layer = per_layer
         rep.equivalent_tokens = sum(per_layer) / depth if depth else 0.0
         rep.select_ms = run.select_ms
+
+
+def _move_run(run: _Run, device) -> None:
+    """Move a run's per-token state to ``device`` (decoder layers on several devices)."""
+    for name in ("llm_mask", "cur_valid", "group", "group_pos", "group_shift", "llm_pos", "next_pos", "shift"):
+        t = getattr(run, name)
+        if isinstance(t, torch.Tensor):
+            setattr(run, name, t.to(device))
+    v = run.visual
+    run.visual = _Visual(pos=v.pos.to(device), valid=v.valid.to(device), orig=v.orig.to(device),
+                         protected=v.protected.to(device), dropped=v.dropped.to(device), coords=v.coords.to(device),
+                         cls=None if v.cls is None else v.cls.to(device))
+    run.captures = {k: {n: t.to(device) for n, t in d.items()} for k, d in run.captures.items()}
 
 
 def _method_config(method) -> dict:
