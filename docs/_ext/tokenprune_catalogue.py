@@ -91,7 +91,7 @@ def _criterion_tags(cls):
 
 def _method_info(name: str, tp):
     error = None
-    for params in ({}, {"budget": 64}):
+    for params in ({"budget": 64}, {}):
         try:
             m = tp.get_method(name, **params)
         except TypeError:  # needs parameters other than the budget: nothing to show
@@ -105,7 +105,9 @@ def _method_info(name: str, tp):
             sel = tp.registry.selectors.name_of(st.selector) or type(st.selector).__name__
             obj = st.objective
             obj = "--" if obj is None else (tp.registry.criteria.name_of(obj) or type(obj).__name__)
-            parts.append(f"{where}: {obj} / {sel}")
+            src = f", relevance from {st.relevance}" if getattr(st, "relevance", None) else ""
+            budget = getattr(st.budget, "value", st.budget)
+            parts.append(f"{where}: {obj} / {sel}, keep {budget}{src}")
         return "; ".join(parts), m.tags
     if error is not None:
         logger.warning("catalogue: method %r cannot be built with budget=64: %s: %s", name,
@@ -146,7 +148,7 @@ def render() -> str:
         if attr == "criteria":
             header = ["name", "class", "summary", "tags", "papers", "source"]
         elif attr == "methods":
-            header = ["name", "summary", "stages (objective / selector)", "tags", "papers", "source"]
+            header = ["name", "summary", "stages at budget 64 (objective / selector)", "tags", "papers", "source"]
         else:
             header = ["name", "class", "summary", "papers", "source"]
         parts.append(_table(f"{title} ({len(rows)})", header, rows))
