@@ -95,14 +95,14 @@ def test_schedule_cache_lengths_and_report(family):
     assert report.pruned_calls == 1 and "before LLM" in report.summary()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_batch_equals_single_samples(family):
+@pytest.mark.parametrize("family,positions", [(f, "preserve") for f in FAMILIES] + [("llava", "compact")])
+def test_batch_equals_single_samples(family, positions):
     t = tiny(family)
     m = t.model
     questions = ["What is shown in this image?", "Describe."]
     batch = t.inputs(questions)
     assert (batch["attention_mask"] == 0).any()  # left padding
-    meth = method(family, pre=20, mid=10, layer=2, raters="all_text_mean")
+    meth = method(family, pre=20, mid=10, layer=2, raters="all_text_mean", positions=positions)
     with prune(m, meth) as report:
         gb = generate(m, batch)
         kept_b = [s.kept for s in report.stages]

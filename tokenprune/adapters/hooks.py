@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..budget import as_budget
 from ..context import make_context
 from ..errors import ShapeError, StageError, TokenPruneError, UnsupportedModelError
 from . import attention as attn
@@ -955,7 +954,8 @@ class PruneSession:
             # else: built from a cache pruned like this layer's (e.g. Gemma3's first full-attention layer);
             # its padding columns are the left-padding prefix, which pruning keeps in place
         elif m is not None:
-            raise UnsupportedModelError(f"attention mask of type {type(m).__name__} is not supported with in-LLM pruning")
+            raise UnsupportedModelError(f"attention mask of type {type(m).__name__} is not supported with in-LLM "
+                                        "pruning")
         else:
             self.adapter.check_in_llm_decode(layer_idx, None, run.decode_kv)
         if shift is not None:
@@ -1055,13 +1055,16 @@ def _mask_like(run: _Run, am: torch.Tensor) -> torch.Tensor:
 
 
 def _needs(objective, signal: str) -> bool:
+    """Whether ``objective`` (or a term of a weighted sum) reads ``signal`` from the context."""
+    if objective is None:
+        return False
     tags = getattr(objective, "tags", None)
-    req = getattr(tags, "requires", ()) or ()
-    if signal in req:
+    if signal in (getattr(tags, "requires", ()) or ()):
         return True
-    # criteria with a text_similarity source read text embeddings
-    return getattr(objective, "source", None) == "text_similarity" or any(
-        _needs(c, signal) for c in getattr(objective, "criteria", ()) or ())
+    if signal == "text_embeddings" and getattr(objective, "source", None) == "text_similarity":
+        return True
+    terms = getattr(objective, "terms", ()) or ()
+    return any(_needs(t[1] if isinstance(t, tuple) else t, signal) for t in terms)
 
 
 def _text_similarity(feats, valid, text_emb, text_mask) -> torch.Tensor:

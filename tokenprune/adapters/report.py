@@ -48,9 +48,9 @@ class StageReport:
     tokens_before: list = field(default_factory=list)
     tokens_after: list = field(default_factory=list)
     protected: list = field(default_factory=list)
-    kept: list = field(default_factory=list)
-    coords: list = field(default_factory=list)
-    scores: list = field(default_factory=list)
+    kept: list = field(default_factory=list, repr=False)
+    coords: list = field(default_factory=list, repr=False)
+    scores: list = field(default_factory=list, repr=False)
     select_ms: float = 0.0
 
     @property
@@ -98,7 +98,7 @@ class PruneReport:
 
     model_type: str = ""
     adapter: str = ""
-    method: dict = field(default_factory=dict)
+    method: dict = field(default_factory=dict, repr=False)
     depth: int = 0
     nominal_budget: int | float | None = None
     stages: list = field(default_factory=list)

@@ -252,7 +252,8 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
         cfg = LlavaConfig(vision_config=_clip(size, 14, vision_layers), text_config=_llama(num_layers),
                           image_token_index=image_id, vision_feature_layer=-2,
                           vision_feature_select_strategy="default", image_seq_length=(size // 14) ** 2)
-        ip = _image_processor("CLIPImageProcessor", size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        ip = _image_processor("CLIPImageProcessor", size={"shortest_edge": size},
+                              crop_size={"height": size, "width": size})
         proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
         model_cls = LlavaForConditionalGeneration
@@ -265,8 +266,8 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
         cfg = LlavaNextConfig(vision_config=_clip(size, 14, vision_layers), text_config=_llama(num_layers),
                               image_token_index=image_id, image_grid_pinpoints=pin, vision_feature_layer=-2,
                               vision_feature_select_strategy="default")
-        ip = _image_processor("LlavaNextImageProcessor", size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                     image_grid_pinpoints=pin)
+        ip = _image_processor("LlavaNextImageProcessor", size={"shortest_edge": size},
+                              crop_size={"height": size, "width": size}, image_grid_pinpoints=pin)
         proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
         model_cls = LlavaNextForConditionalGeneration
@@ -286,7 +287,8 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
                                    video_token_index=tok.convert_tokens_to_ids("<video>"),
                                    image_grid_pinpoints=pin, vision_feature_select_strategy="full",
                                    vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
-        ip = _image_processor("LlavaOnevisionImageProcessor", size={"height": size, "width": size}, image_grid_pinpoints=pin)
+        ip = _image_processor("LlavaOnevisionImageProcessor", size={"height": size, "width": size},
+                              image_grid_pinpoints=pin)
         proc = _without_video(LlavaOnevisionProcessor)(
             image_processor=ip, tokenizer=tok, video_processor=None, num_image_tokens=(size // 14) ** 2,
             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
@@ -336,7 +338,8 @@ def build_tiny_vlm(family: str, *, num_layers: int = 4, vision_layers: int = 2, 
             from transformers import SmolVLMProcessor as Processor
         cfg = Config(vision_config=vision, text_config=_llama(num_layers), scale_factor=2,
                      image_token_id=image_id, pad_token_id=PAD_ID)
-        ip = _image_processor(image_processor_name, do_image_splitting=True, size={"longest_edge": 448}, max_image_size={"longest_edge": 224})
+        ip = _image_processor(image_processor_name, do_image_splitting=True, size={"longest_edge": 448},
+                              max_image_size={"longest_edge": 224})
         if family == "idefics3":
             proc = Processor(image_processor=ip, tokenizer=tok, image_seq_len=image_seq_len)
         else:
