@@ -562,3 +562,23 @@ def test_manual_decoding_loop_matches_generate(family):
                 logits.append(out.logits[:, -1])
     for a, b in zip(logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_keep_all_and_pruned():
+    """With eager attention the wrapper calls the model's own eager function: keep-all is exact."""
+    from tokenprune.testing.tiny_models import build_tiny_vlm
+
+    t = build_tiny_vlm("llava", small=True, attn="eager")
+    m, inputs = t.model, t.inputs(["What is shown in this image?", "Describe."])
+    g0 = generate(m, inputs)
+    with prune(m, method("llava", pre=1.0, mid=1.0)):
+        g1 = generate(m, inputs)
+        assert m.config.get_text_config()._attn_implementation == "tokenprune_eager"
+    assert torch.equal(g0.sequences, g1.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(g0.logits, g1.logits))
+    assert m.config.get_text_config()._attn_implementation == "eager"
+    with prune(m, method("llava", pre=24, mid=8)) as report:
+        out = generate(m, inputs)
+    assert report.tokens_per_layer == [24, 24, 8, 8]
+    L = inputs["input_ids"].shape[1]
+    assert cache_lengths(out) == [L - 40 + NEW - 1] * 2 + [L - 56 + NEW - 1] * 2

@@ -155,6 +155,10 @@ class ModelAdapter:
         """The decoder layers, in order."""
         return list(self.text_model.layers)[: self.depth]
 
+    def attention_module(self, layer_idx: int):
+        """The self-attention module of decoder layer ``layer_idx`` (where text signals are captured)."""
+        return self.layers[layer_idx].self_attn
+
     @property
     def depth(self) -> int:
         return int(self.text_config.num_hidden_layers)

@@ -326,7 +326,7 @@ class PruneSession:
         if self.capture_layers:
             self._switch_attn(ad.text_config)
             for li, st in self.capture_layers.items():
-                mod = ad.layers[li].self_attn
+                mod = ad.attention_module(li)
                 attn._TARGETS[id(mod)] = functools.partial(self._capture_text, li, st)
                 self._targets = getattr(self, "_targets", []) + [id(mod)]
         if self.need_cls:
