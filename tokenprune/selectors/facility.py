@@ -28,10 +28,11 @@ class FacilityLocationGreedy(Selector):
     Parameters
     ----------
     lazy : bool
-        ``True`` (default): lazy greedy with batched re-evaluation of the 16 most promising candidates
-        per round (``O(M N)`` per round; usually one round per step), exact because facility location
-        is submodular. ``False``: recompute all gains each step (``O(N²)`` per step; faster on GPUs,
-        where a few dense passes cost less than a host sync per step).
+        ``True`` (default): lazy greedy that re-evaluates the most promising candidates in blocks
+        (``M`` = 16 per round in the batched path, 32 in the single-sample NumPy path, 4x more per
+        further round; ``O(M N)`` per round, one or two rounds for most steps), exact because facility
+        location is submodular. ``False``: recompute all gains each step (``O(N²)`` per step; may be
+        faster on GPUs, where a few dense passes cost less than a host sync per round).
 
     Raises
     ------
@@ -40,9 +41,11 @@ class FacilityLocationGreedy(Selector):
 
     Notes
     -----
-    ``O(N²)`` for the first gains and ``O(K · rounds · M N)`` for the steps after the ``O(N² D)``
-    similarity GEMM (about 1/50 of the GEMM at N = 2880, D = 4096, K = 192; see
-    ``benchmarks/results_selectors.txt``). Batched over samples; padding never picked.
+    ``O(N²)`` for the fixed-point conversion and the first gains, then ``O(M N)`` per round, after
+    the ``O(N² D)`` similarity GEMM: about 3 ms at N = 576, K = 64 and 40-60 ms at N = 2880, K = 192
+    on one CPU thread, i.e. 5-6% of the fp32 GEMM at D = 4096 (``benchmarks/results_selectors.txt``).
+    One sample on the CPU runs a NumPy loop (:mod:`tokenprune.selectors._host`); batches and GPUs
+    run the batched torch loop. Padding is never picked.
 
     References
     ----------
