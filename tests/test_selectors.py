@@ -270,7 +270,8 @@ def naive_logdet_greedy(objective, ctx, k):
 
 
 @pytest.mark.parametrize("objective", [LogDet(), LogDet(quality="given"), LogDet(kernel="shifted"),
-                                       LogDet(quality="given", theta=0.6)], ids=["plain", "quality", "shifted", "theta"])
+                                       LogDet(quality="given", theta=0.6)],
+                         ids=["plain", "quality", "shifted", "theta"])
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 14), extra=st.integers(0, 8), B=st.integers(1, 2))
 def test_dpp_map_equals_naive_logdet_greedy(objective, seed, n, extra, B):

@@ -39,9 +39,10 @@ class Coverage(Criterion):
     :class:`~tokenprune.selectors.FacilityLocationGreedy` use.
 
     Sums are computed in fixed point (similarities rounded to multiples of ``2^-15 ≈ 3e-5``, below
-    the error of bf16 features; see :mod:`tokenprune.criteria._kernels`), so gains are exact: ``gains == evaluate(S ∪ {i}) -
-    evaluate(S)`` up to the final float32 rounding, and plain, lazy and specialised greedy pick the
-    same tokens, ties included. Gains are returned as float32 (a monotone rounding of the integers).
+    the error of bf16 features; see :mod:`tokenprune.criteria._kernels`), so gains are exact:
+    ``gains == evaluate(S ∪ {i}) - evaluate(S)`` up to the final float32 rounding, and plain, lazy
+    and specialised greedy pick the same tokens, ties included. Gains are returned as float32 (a
+    monotone rounding of the integers).
 
     References
     ----------

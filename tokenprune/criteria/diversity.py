@@ -89,8 +89,9 @@ KERNELS = ("cosine", "shifted")
 class LogDet(Criterion):
     """DPP log-determinant of the kept set's kernel (CDPruner's conditional DPP).
 
-    .. math:: f(S) = \\log\\det(L_S), \\qquad L = \\operatorname{diag}(q)\\, K\\, \\operatorname{diag}(q) + \\varepsilon I,
-              \\qquad \\Delta(i \\mid S) = \\log\\big(L_{ii} - L_{iS} L_{SS}^{-1} L_{Si}\\big)
+    .. math:: f(S) = \\log\\det(L_S), \\qquad
+              L = \\operatorname{diag}(q)\\, K\\, \\operatorname{diag}(q) + \\varepsilon I, \\qquad
+              \\Delta(i \\mid S) = \\log\\big(L_{ii} - L_{iS} L_{SS}^{-1} L_{Si}\\big)
 
     where ``K`` is the cosine similarity ``F`` (``kernel="cosine"``, as CDPruner) or ``(1 + F) / 2``
     (``"shifted"``: non-negative entries), and ``q`` the per-token quality. Both kernels are positive

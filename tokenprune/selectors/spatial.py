@@ -36,8 +36,8 @@ def pooled_shape(k: int, rows: int, cols: int) -> tuple[int, int]:
     """The pooled grid ``(r, c)`` for a budget of ``k`` tokens on a ``rows x cols`` grid.
 
     Rule: ``r <= rows``, ``c <= cols``, ``r·c <= k``; maximise ``r·c``, then prefer the aspect ratio
-    closest to the grid's (smallest ``max(a, b) / min(a, b)`` for ``a = r·cols``, ``b = c·rows``), then fewer rows. E.g. 24x24 grid: k=64 ->
-    8x8, k=144 -> 12x12, k=192 -> 12x16, k=100 -> 10x10.
+    closest to the grid's (smallest ``max(a, b) / min(a, b)`` for ``a = r·cols``, ``b = c·rows``),
+    then fewer rows. E.g. 24x24 grid: k=64 -> 8x8, k=144 -> 12x12, k=192 -> 12x16, k=100 -> 10x10.
     """
     best = None
     for r in range(1, min(rows, k) + 1):

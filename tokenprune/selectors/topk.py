@@ -30,8 +30,10 @@ class TopK(Selector):
     >>> import torch, tokenprune as tp
     >>> from tokenprune.criteria import Relevance
     >>> ctx = tp.make_context(torch.randn(1, 6, 4), relevance=torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2, 0.7]]))
-    >>> TopK().select(Relevance(), ctx, 3).order.tolist(), TopK(largest=False).select(Relevance(), ctx, 2).indices.tolist()
-    ([[1, 3, 5]], [[0, 4]])
+    >>> TopK().select(Relevance(), ctx, 3).order.tolist()
+    [[1, 3, 5]]
+    >>> TopK(largest=False).select(Relevance(), ctx, 2).indices.tolist()
+    [[0, 4]]
     """
 
     largest: bool = True
