@@ -543,12 +543,17 @@ def test_right_padded_forward():
             torch.testing.assert_close(out[i, ends[i] - 1], single[0, -1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_manual_decoding_loop_matches_generate(family):
+@pytest.mark.parametrize("family,four_rows", [("llava", False), ("qwen2_vl", False), ("qwen2_vl", True)])
+def test_manual_decoding_loop_matches_generate(family, four_rows):
     """Calling the model step by step with its cache (no position ids) decodes like generate."""
     t = tiny(family)
     m, inputs = t.model, t.inputs()
     meth = method(family, pre=20, mid=10, layer=2)
+    if four_rows:  # the prefill gets generate-style ids: a text row, then the three M-RoPE rows
+        p3, _ = m.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                       image_grid_thw=inputs["image_grid_thw"])
+        text = torch.arange(p3.shape[-1])[None, None]
+        inputs = dict(inputs, position_ids=torch.cat([text, p3], 0))
     with prune(m, meth):
         ref = generate(m, inputs)
         with torch.no_grad():

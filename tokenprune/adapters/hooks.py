@@ -573,9 +573,7 @@ class PruneSession:
             new = self._apply_pre_stage(run, kw, new, ids, img, flat, out, rec)
         pos = new.get("position_ids")
         if run.next_pos is None:
-            p = pos if pos is not None else ad.full_position_ids(kw, rec)
-            if p.dim() == 3:
-                p = p.amax(0)
+            p = _max_rows(pos if pos is not None else ad.full_position_ids(kw, rec))
             m = run.llm_mask
             run.next_pos = (p.masked_fill(m == 0, -1) if m is not None else p).amax(1) + 1
         run.cur_len = run.llm_len
@@ -764,7 +762,7 @@ class PruneSession:
         # positions
         valid_new = (new_mask.bool() if new_mask is not None else torch.ones(B, Lp, dtype=torch.bool, device=dev))
         full = ad.full_position_ids(kw, rec)
-        full_max = (full.amax(0) if full.dim() == 3 else full)
+        full_max = _max_rows(full)
         orig_next = full_max.masked_fill(am == 0, -1).amax(1) + 1 if am is not None else full_max.amax(1) + 1
         if ad.mrope or stage.positions == "preserve":
             pos = torch.stack([_gather(p, idx, 1, 0) for p in full]) if full.dim() == 3 else _gather(full, idx, 1, 0)
@@ -773,7 +771,7 @@ class PruneSession:
             pos = _positions_from_mask(valid_new)
             gaps = False
         new["position_ids"] = pos
-        pmax = pos.amax(0) if pos.dim() == 3 else pos
+        pmax = _max_rows(pos)
         run.next_pos = pmax.masked_fill(~valid_new, -1).amax(1) + 1
         run.shift = orig_next - run.next_pos
         if new_mask is None and gaps and kw.get("past_key_values") is None:
@@ -1020,6 +1018,14 @@ class PruneSession:
         rep.tokens_per_layer = per_layer
         rep.equivalent_tokens = sum(per_layer) / depth if depth else 0.0
         rep.select_ms = run.select_ms
+
+
+def _max_rows(pos: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` positions to take maxima over: 1-D ids as they are; M-RoPE ids: the largest of the
+    ``(t, h, w)`` rows (``generate``'s 4-row ids start with a plain text row, which is skipped)."""
+    if pos.dim() == 3:
+        return (pos[1:] if pos.shape[0] == 4 else pos).amax(0)
+    return pos
 
 
 def _move_run(run: _Run, device) -> None:
