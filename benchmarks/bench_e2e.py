@@ -37,6 +37,12 @@ one warm-up pass over all configurations, then ``--rounds`` rounds, each running
 once in round-robin order (rotated by one each round), so slow drifts in machine load hit all
 configurations alike and ratios to the unpruned baseline stay meaningful.
 
+Clock (``--clock``): on CPU the default is thread CPU time (``time.thread_time``): with one torch
+thread all the work runs on the calling thread, so this is the latency the work would have on an idle
+core, while wall time on a shared machine is mostly waiting for a core. ``PruneReport.select_ms`` is
+put on the same clock for the run (see :func:`_selection_clock`). Wall-clock medians and speed-ups are
+recorded too. On CUDA the clock is wall time with ``torch.cuda.synchronize()``.
+
 Checks printed as PASS/FAIL (issue 5): TOPS's selection time is under 10% of the prefill time it saves
 (per budget, for the registered TOPS and for the pre-LLM-only ``schedule="single"``), and pre-LLM
 TOPS reaches at least 0.9x random selection's prefill speed-up at the same budget.
