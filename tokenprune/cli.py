@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="rank pruning methods by accuracy, evidence kept and speed",
                        description="Evaluate every method (or --methods) at every budget, plus the unpruned "
                                    "model. Default: the bundled testbed model on its 1,000 held-out questions, "
-                                   "at 77.8%%, 88.9%% and 94.4%% of the image tokens removed.")
+                                   "at 77.8%, 88.9% and 94.4% of the image tokens removed.")
     e.add_argument("--model", metavar="PATH", help="local folder of a supported HF model (default: the testbed model)")
     e.add_argument("--data", metavar="FILE.jsonl", help="local VQA set (fields image, question, answers; see docs) "
                                                        "(default: the testbed's held-out questions)")
