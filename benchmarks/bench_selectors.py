@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import sys
@@ -39,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenprune as tp  # noqa: E402
 from tokenprune.criteria import Coverage, Diversity, LogDet, Relevance, TOPSObjective  # noqa: E402
-from tokenprune.selectors import Greedy  # noqa: E402
 
 FULL = [(576, 1024, 64), (576, 1024, 192), (576, 4096, 64), (576, 4096, 192),
         (2880, 1024, 64), (2880, 1024, 192), (2880, 4096, 64), (2880, 4096, 192)]

@@ -138,7 +138,10 @@ class Criterion(ABC):
 
     # -- config --------------------------------------------------------------------------------
     def to_config(self) -> dict:
-        """Plain JSON-able dict ``{"name": ..., "params": {...}}``; round-trips through :func:`criterion_from_config`."""
+        """Plain JSON-able dict ``{"name": ..., "params": {...}}``.
+
+        It round-trips through :func:`criterion_from_config`.
+        """
         from ..registry import criteria
 
         name = criteria.name_of(self)

@@ -149,7 +149,8 @@ class PruningMethod:
         if len({r for _, r in layers}) > 1:
             raise StageError("in-LLM stages must share one reference_depth")
         if [lay for lay, _ in layers] != sorted({lay for lay, _ in layers}):
-            raise StageError(f"in-LLM stages must have strictly increasing layers, got {[l for l, _ in layers]}")
+            got = [layer for layer, _ in layers]
+            raise StageError(f"in-LLM stages must have strictly increasing layers, got {got}")
         object.__setattr__(self, "stages", stages)
 
     # -- selection core ----------------------------------------------------------------------------

@@ -150,7 +150,8 @@ class VisionZip(Selector):
                     mo = torch.nn.functional.normalize(metric[b, others], dim=-1)
                     assign = (mo @ mt.T).argmax(1) if others.numel() else torch.zeros(0, dtype=torch.long, device=dev)
                     summed = torch.zeros(c, D, device=dev).index_add_(0, assign, x[b, others])
-                    count = torch.zeros(c, device=dev).index_add_(0, assign, torch.ones_like(assign, dtype=torch.float32))
+                    ones = torch.ones_like(assign, dtype=torch.float32)
+                    count = torch.zeros(c, device=dev).index_add_(0, assign, ones)
                     if self.merge == "mean":
                         merged = (x[b, targets] + summed) / (1.0 + count)[:, None]
                     else:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import MissingSignalError
 from ..registry import selectors
-from ..selection import Selection, from_order
+from ..selection import from_order
 from .base import Selector
 
 _BIG = torch.iinfo(torch.long).max
@@ -102,7 +102,7 @@ class Pooling(Selector):
     References
     ----------
     "Token pruning in multimodal LLMs: are we solving the right problem?", arXiv:2502.11501.
-    
+
     Examples
     --------
     >>> import torch, tokenprune as tp
@@ -200,7 +200,7 @@ class WindowTopK(Selector):
     ----------
     FastV, arXiv:2403.06764. "Token pruning in multimodal LLMs: are we solving the right problem?",
     arXiv:2502.11501.
-    
+
     Examples
     --------
     >>> import torch, tokenprune as tp

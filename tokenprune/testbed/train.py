@@ -194,7 +194,8 @@ def main(argv=None):
         po = patch_head(vout.last_hidden_state[:, 1:]).float()
         l_patch = F.cross_entropy(po[..., : S.NUM_COMBOS + 1].reshape(-1, S.NUM_COMBOS + 1), plab.reshape(-1),
                                   ignore_index=-100)
-        l_patch = l_patch + F.binary_cross_entropy_with_logits(po[..., -1], pcen, pos_weight=torch.tensor(10.0, device=dev))
+        l_patch = l_patch + F.binary_cross_entropy_with_logits(po[..., -1], pcen,
+                                                               pos_weight=torch.tensor(10.0, device=dev))
         return l_cls + l_patch
 
     @torch.no_grad()
@@ -277,7 +278,8 @@ def main(argv=None):
             pos = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), 1 + keep,
                              (1 + S.NUM_PATCHES + torch.arange(n_text, device=dev))[None].expand(B, -1)], 1)
             h = base.language_model(inputs_embeds=seq, position_ids=pos,
-                                    attention_mask=torch.ones(B, seq.shape[1], dtype=torch.long, device=dev)).last_hidden_state
+                                    attention_mask=torch.ones(B, seq.shape[1], dtype=torch.long, device=dev),
+                                    ).last_hidden_state
             idx = torch.where(answer_pos > S.NUM_PATCHES, answer_pos - S.NUM_PATCHES + K, 0)
             lg = model.lm_head(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))).float()
             lg = lg.reshape(-1, lg.shape[-1])

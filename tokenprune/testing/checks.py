@@ -727,10 +727,11 @@ def check_selector_rows_independent(selector, objective, ctx):
             c = int(one.counts[0])
             if full.indices[b, :c].cpu().tolist() != one.indices[0, :c].cpu().tolist() and not _tied(
                     ctx, b, full.indices[b, :c], one.indices[0, :c]):
+                batch_kept, alone_kept = full.indices[b, :c].tolist(), one.indices[0, :c].tolist()
                 _fail("rows_independent", selector, f"budget {budget!r}: row {b} in the batch kept "
-                                                    f"{full.indices[b, :c].tolist()}, alone {one.indices[0, :c].tolist()}")
-            if full.features is not None and not torch.allclose(full.features[b, :c].float().cpu(),
-                                                                one.features[0, :c].float().cpu(), atol=1e-5, rtol=1e-4):
+                                                    f"{batch_kept}, alone {alone_kept}")
+            if full.features is not None and not torch.allclose(
+                    full.features[b, :c].float().cpu(), one.features[0, :c].float().cpu(), atol=1e-5, rtol=1e-4):
                 _fail("rows_independent", selector, f"budget {budget!r}: row {b} merged features differ alone")
 
 
