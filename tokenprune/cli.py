@@ -199,8 +199,8 @@ def cmd_eval(args) -> int:
         path = write_json(records, args.output, meta=meta)
         print(f"Wrote {len(records)} records to {path}")
     if args.plot:
-        path = plot_records(records, args.plot, title=f"{os.path.basename(model_label.rstrip('/'))}: "
-                                                      f"{len(examples)} questions")
+        name = "testbed model" if args.model is None else os.path.basename(model_label.rstrip("/"))
+        path = plot_records(records, args.plot, title=f"{name}: {len(examples)} questions")
         print(f"Saved the plot to {path}")
     return 0
 
