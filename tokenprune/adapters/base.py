@@ -237,6 +237,10 @@ class ModelAdapter:
             else:
                 coords.append(unknown_coords(n, i))
                 grids.append([])
+        return self.single_grid_layout(coords, grids, record, sizes)
+
+    def single_grid_layout(self, coords, grids, record, sizes) -> TokenLayout:
+        """The layout of images without newline tokens, from per-image coordinates and grids."""
         coords = torch.cat(coords)
         cls = None
         if record is not None and record.cls_attention is not None:

@@ -40,11 +40,7 @@ class Gemma3Adapter(ModelAdapter):
             else:
                 coords.append(unknown_coords(n, i))
                 grids.append([])
-        coords = torch.cat(coords)
-        cls = None
-        if record is not None and record.cls_attention is not None:
-            cls = self.cls_to_tokens(record, sizes)
-        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=cls, grids=grids)
+        return self.single_grid_layout(coords, grids, record, sizes)
 
     def cls_to_tokens(self, record, sizes) -> torch.Tensor:
         """The ``"mean_attention"`` fallback per patch, average-pooled like the projector pools the patches."""
