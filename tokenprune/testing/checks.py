@@ -262,14 +262,20 @@ def check_criterion_config(crit, ctx=None):
 
     if not isinstance(crit, WeightedSum) and criteria.name_of(crit) is None:
         return  # not registered (yet): no config name
-    cfg = crit.to_config()
+    _check_config_round_trip(crit, criterion_from_config)
+
+
+def _check_config_round_trip(obj, from_config, check="config", label=None):
+    """``to_config()`` survives JSON and ``from_config`` rebuilds an equal object; returns the rebuilt one."""
+    label = obj if label is None else label
     try:
-        text = json.dumps(cfg)
+        text = json.dumps(obj.to_config())
     except TypeError as exc:
-        _fail("config", crit, f"to_config() is not JSON-able: {exc}")
-    back = criterion_from_config(json.loads(text))
-    if back != crit:
-        _fail("config", crit, f"from_config(to_config()) gave {back!r}")
+        _fail(check, label, f"to_config() is not JSON-able: {exc}")
+    back = from_config(json.loads(text))
+    if back != obj:
+        _fail(check, label, f"from_config(to_config()) gave {back!r}")
+    return back
 
 
 def check_criterion_signals(crit, ctx):
@@ -673,14 +679,7 @@ def check_selector_is_dataclass(selector, objective=None):
     if not dataclasses.is_dataclass(selector) or not type(selector).__dataclass_params__.frozen:
         _fail("dataclass", selector, "selectors must be @dataclass(frozen=True, kw_only=True) classes")
     if selectors.name_of(selector) is not None:
-        cfg = selector.to_config()
-        try:
-            text = json.dumps(cfg)
-        except TypeError as exc:
-            _fail("config", selector, f"to_config() is not JSON-able: {exc}")
-        back = selector_from_config(json.loads(text))
-        if back != selector:
-            _fail("config", selector, f"from_config(to_config()) gave {back!r}")
+        _check_config_round_trip(selector, selector_from_config)
 
 
 def _exact(selector) -> bool:
@@ -855,14 +854,7 @@ def check_method_config(method, ctx):
 
     if not isinstance(method, PruningMethod):
         _fail("method_config", method, f"is a {type(method).__name__}, not a PruningMethod")
-    cfg = method.to_config()
-    try:
-        text = json.dumps(cfg)
-    except TypeError as exc:
-        _fail("method_config", method.name or method, f"to_config() is not JSON-able: {exc}")
-    back = PruningMethod.from_config(json.loads(text))
-    if back != method:
-        _fail("method_config", method.name or method, "from_config(json round trip) is not equal to the method")
+    back = _check_config_round_trip(method, PruningMethod.from_config, "method_config", method.name or method)
     for i in range(len(method.stages)):
         for budget in (None, 3):
             a = method.select(ctx.features, mask=ctx.mask, stage=i, budget=budget, **_signals_kw(ctx))
