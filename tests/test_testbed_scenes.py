@@ -178,3 +178,54 @@ def test_prompt_ids_match_the_processor():
     enc = proc(images=[Image.fromarray(img)], text=[prompt_text(words)], return_tensors="pt")
     assert enc["input_ids"][0].tolist() == S.prompt_ids(words)
     np.testing.assert_allclose(enc["pixel_values"].numpy(), S.pixel_values(img[None]), atol=1e-5)
+
+
+
+def _answer(scene, words):
+    """Independent answerer for the question ``words`` (ending in "?") about ``scene``."""
+    objs = scene.objects
+    if words[:2] == ["what", "color"]:
+        (match,) = [c for c, s in objs if s == words[4]]
+        return match
+    if words[:2] == ["what", "shape"] and words[3] == "the":
+        (match,) = [s for c, s in objs if c == words[4]]
+        return match
+    if words[0] == "is":
+        return "yes" if (words[3], words[4]) in objs else "no"
+    if words[0] == "how":
+        return str(sum(s == words[2] for _, s in objs))
+    side, ref = words[3], objs.index((words[6], words[7]))
+    xs = scene.centres()[:, 0]
+    sign = -1 if side == "left" else 1
+    (match,) = [objs[j][1] for j in range(len(objs)) if sign * (xs[j] - xs[ref]) >= S.SPATIAL_MARGIN]
+    return match
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_training_sequences_ask_distinct_questions_with_right_answers_at_their_positions(seed):
+    """A training sequence asks distinct questions, at most one per requested family entry; the token
+    after each answer position is the answer, and an independent answerer agrees with it."""
+    from tokenprune.testbed import train as T
+
+    rng = np.random.default_rng(seed)
+    families = ("spatial", "spatial", "count", "color", "exists", "exists")
+    batch, scenes = T.multi_batch(rng, S.make_backgrounds(2, seed=seed), 3, 3, 6, families)
+    for i, scene in enumerate(scenes):
+        ids = batch["input_ids"][i].tolist()
+        assert ids[: 1 + S.NUM_PATCHES] == S.prompt_ids([])
+        questions, words, pos = [], [], 1 + S.NUM_PATCHES
+        while pos < len(ids) and ids[pos] != S.PAD_ID:
+            words.append(S.VOCAB[ids[pos]])
+            if words[-1] == "?":
+                questions.append((tuple(words), pos, S.VOCAB[ids[pos + 1]]))
+                words, pos = [], pos + 1
+            pos += 1
+        assert not words
+        answers = [(p, a) for p, a in zip(batch["answer_pos"][i].tolist(), batch["answers"][i].tolist()) if a >= 0]
+        assert answers == [(p, S.WORD_TO_ID[a]) for _, p, a in questions]
+        for q, _, a in questions:
+            assert _answer(scene, list(q)) == a, q
+        asked = [q for q, _, _ in questions]
+        assert len(asked) == len(set(asked)) <= len(families)
+        assert sum(q[3] in S.SIDES for q in asked) <= 2

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--curriculum", default="0.15:1-3,0.35:1-5,1.0:2-6",
                    help="object-count curriculum: stage-2 time fraction : min-max objects, comma-separated")
     p.add_argument("--init", default="", help="warm start from a saved testbed checkpoint directory")
+    p.add_argument("--questions", default=",".join(DEFAULT_QUESTIONS),
+                   help=f"question families asked about each training image (at most {MAX_Q}, repeats allowed)")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
 
@@ -74,11 +76,24 @@ def patch_targets(batch_scenes, full_pixels=24):
     return torch.from_numpy(labels), torch.from_numpy(centres)
 
 
-def scene_questions(rng, scene, max_questions=6):
-    """Several valid questions about one scene, one per family (two existence questions), shuffled."""
-    qs = [S.questions_for(rng, scene, f) for f in ("color", "shape", "exists", "exists", "count", "spatial")]
-    qs = [q for q in qs if q is not None]
-    return [qs[i] for i in rng.permutation(len(qs))][:max_questions]
+DEFAULT_QUESTIONS = ("color", "shape", "exists", "exists", "count", "spatial")
+
+
+def scene_questions(rng, scene, families=DEFAULT_QUESTIONS):
+    """Valid questions about one scene, one per entry of ``families``, shuffled.
+
+    A family named twice gets two different questions where the scene admits them.
+    """
+    qs, seen = [], set()
+    for f in families:
+        for _ in range(4):
+            q = S.questions_for(rng, scene, f)
+            if q is None or (q.text, q.answer) not in seen:
+                break
+        if q is not None and (q.text, q.answer) not in seen:
+            seen.add((q.text, q.answer))
+            qs.append(q)
+    return [qs[i] for i in rng.permutation(len(qs))]
 
 
 MAX_Q = 6
@@ -86,7 +101,7 @@ MAX_Q_LEN = 10  # longest question (9 words) plus its answer
 SEQ_LEN = 1 + S.NUM_PATCHES + MAX_Q * MAX_Q_LEN
 
 
-def multi_batch(rng, backgrounds, n, lo, hi):
+def multi_batch(rng, backgrounds, n, lo, hi, families=DEFAULT_QUESTIONS):
     """Training batch: ``<s> <image>x196 q1 a1 q2 a2 ...`` right-padded, answer positions and answer ids."""
     import torch
 
@@ -96,7 +111,7 @@ def multi_batch(rng, backgrounds, n, lo, hi):
     answers = torch.full((n, MAX_Q), -100, dtype=torch.long)
     for i, sc in enumerate(batch_scenes):
         ids = [S.BOS_ID] + [S.IMAGE_ID] * S.NUM_PATCHES
-        for j, q in enumerate(scene_questions(rng, sc)):
+        for j, q in enumerate(scene_questions(rng, sc, families)):
             ids += [S.WORD_TO_ID[w] for w in q.words]
             answer_pos[i, j] = len(ids) - 1
             answers[i, j] = S.WORD_TO_ID[q.answer]
@@ -289,6 +304,10 @@ def main(argv=None):
     stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
     bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
     drop_p = np.array([p for _, p in bgdrop]) / sum(p for _, p in bgdrop)
+    families = tuple(f.strip() for f in args.questions.split(","))
+    unknown = sorted(set(families) - set(S.FAMILIES))
+    if unknown or not 0 < len(families) <= MAX_Q:
+        raise SystemExit(f"--questions: {len(families)} families {unknown or ''} (at most {MAX_Q} of {S.FAMILIES})")
     curriculum = [(float(f), tuple(int(v) for v in r.split("-")))
                   for f, r in (x.split(":") for x in args.curriculum.split(","))]
     t2 = elapsed()
@@ -301,7 +320,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(frac, args.lr) * g["mult"]
         lo, hi = next(r for f, r in curriculum if frac <= f)
-        b, batch_scenes = multi_batch(rng, backgrounds, args.batch_size, lo, hi)
+        b, batch_scenes = multi_batch(rng, backgrounds, args.batch_size, lo, hi, families)
         plab, pcen = patch_targets(batch_scenes)
         k = S.NUM_PATCHES
         if frac >= args.bgdrop_from:
