@@ -31,9 +31,20 @@ from . import scenes as S
 from .model import build_model, build_processor
 
 
+def _families(text):
+    families = tuple(f.strip() for f in text.split(","))
+    unknown = sorted(set(families) - set(S.FAMILIES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown question families {unknown}; expected some of {S.FAMILIES}")
+    if not 0 < len(families) <= MAX_Q:
+        raise argparse.ArgumentTypeError(f"{len(families)} questions per image; at most {MAX_Q}")
+    return families
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tokenprune testbed train", description=__doc__.split("\n")[0])
-    p.add_argument("--minutes", type=float, default=80.0, help="total wall-clock budget (both stages)")
+    p.add_argument("--minutes", type=float, default=80.0,
+                   help="wall-clock training budget (both stages, counted once the data and model are set up)")
     p.add_argument("--stage1-minutes", type=float, default=6.0)
     p.add_argument("--bgdrop-from", type=float, default=0.6,
                    help="fraction of stage 2 after which background dropping is on")
@@ -50,8 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--curriculum", default="0.15:1-3,0.35:1-5,1.0:2-6",
                    help="object-count curriculum: stage-2 time fraction : min-max objects, comma-separated")
     p.add_argument("--init", default="", help="warm start from a saved testbed checkpoint directory")
-    p.add_argument("--questions", default=",".join(DEFAULT_QUESTIONS),
+    p.add_argument("--questions", type=_families, default=DEFAULT_QUESTIONS,
                    help=f"question families asked about each training image (at most {MAX_Q}, repeats allowed)")
+    p.add_argument("--position-weight", type=float, default=1.0,
+                   help="weight of the auxiliary loss that has each projected patch token predict its position")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
 
@@ -186,12 +199,16 @@ def main(argv=None):
     vh = model.config.vision_config.hidden_size
     cls_head = nn.Linear(vh, S.NUM_COMBOS)
     patch_head = nn.Sequential(nn.LayerNorm(vh), nn.Linear(vh, S.NUM_COMBOS + 2))
+    th = model.config.text_config.hidden_size
+    position_head = nn.Sequential(nn.LayerNorm(th), nn.Linear(th, 2))
     aux_path = args.out.rstrip("/") + ".aux_heads.pt"
     init_aux = args.init.rstrip("/") + ".aux_heads.pt" if args.init else ""
     if init_aux and os.path.exists(init_aux):
         heads = torch.load(init_aux)
         cls_head.load_state_dict(heads["cls_head"])
         patch_head.load_state_dict(heads["patch_head"])
+        if "position_head" in heads:
+            position_head.load_state_dict(heads["position_head"])
     base = model.model
     tower = base.vision_tower
     log(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; args {vars(args)}")
@@ -200,6 +217,13 @@ def main(argv=None):
     model.to(dev)
     cls_head.to(dev)
     patch_head.to(dev)
+    position_head.to(dev)
+    grid = torch.arange(S.NUM_PATCHES, device=dev)
+    patch_xy = torch.stack([grid % S.GRID, grid // S.GRID], -1).float() / (S.GRID - 1) * 2 - 1  # (196, 2)
+
+    def position_loss(feats):
+        """Every projected patch token predicts its own (column, row): keeps "where" in what the LLM sees."""
+        return F.mse_loss(position_head(feats).float(), patch_xy.expand(feats.shape[0], -1, -1))
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -238,10 +262,14 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         model.save_pretrained(args.out)
         build_processor().save_pretrained(args.out)
-        torch.save({"cls_head": cls_head.state_dict(), "patch_head": patch_head.state_dict()}, aux_path)
+        torch.save({"cls_head": cls_head.state_dict(), "patch_head": patch_head.state_dict(),
+                    "position_head": position_head.state_dict()}, aux_path)
         with open(os.path.join(args.out, "training_curve.json"), "w") as fh:
             json.dump(dict(args=vars(args), curve=curve, train_minutes=elapsed() / 60), fh, indent=1)
         model.train()
+
+    log("data and model ready; the time budget starts now")
+    t0 = time.time()
 
     # Stage 1: vision tower and auxiliary heads only.
     s1 = args.stage1_minutes * 60
@@ -273,7 +301,7 @@ def main(argv=None):
     # Stage 2: end-to-end VQA.
     vis_ids = {id(p) for p in tower.parameters()}
     other = [p for p in model.parameters() if id(p) not in vis_ids]
-    aux = list(cls_head.parameters()) + list(patch_head.parameters())
+    aux = list(cls_head.parameters()) + list(patch_head.parameters()) + list(position_head.parameters())
     opt = torch.optim.AdamW([
         {"params": other, "mult": 1.0},
         {"params": list(tower.parameters()), "mult": 0.5},
@@ -299,15 +327,15 @@ def main(argv=None):
             lg = model.lm_head(torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))).float()
             lg = lg.reshape(-1, lg.shape[-1])
             l_ans = F.cross_entropy(lg, answers.reshape(-1), ignore_index=-100)
-            return l_ans + args.aux_weight * aux_losses(vout, pres, plab, pcen), l_ans, lg
+            loss = l_ans + args.aux_weight * aux_losses(vout, pres, plab, pcen)
+            if args.position_weight:
+                loss = loss + args.position_weight * position_loss(feats)
+            return loss, l_ans, lg
 
     stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
     bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
     drop_p = np.array([p for _, p in bgdrop]) / sum(p for _, p in bgdrop)
-    families = tuple(f.strip() for f in args.questions.split(","))
-    unknown = sorted(set(families) - set(S.FAMILIES))
-    if unknown or not 0 < len(families) <= MAX_Q:
-        raise SystemExit(f"--questions: {len(families)} families {unknown or ''} (at most {MAX_Q} of {S.FAMILIES})")
+    families = args.questions
     curriculum = [(float(f), tuple(int(v) for v in r.split("-")))
                   for f, r in (x.split(":") for x in args.curriculum.split(","))]
     t2 = elapsed()

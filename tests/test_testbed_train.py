@@ -1,0 +1,68 @@
+"""The training script runs end to end: both stages, evaluation, a loadable checkpoint and its auxiliary heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tokenprune.testbed import train as T
+from tokenprune.testbed.evaluate import load_testbed
+from tokenprune.testbed.model import build_model, build_processor
+
+TINY = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init")
+    build_model(**TINY, seed=4).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return path
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_short_run_trains_and_saves_a_loadable_checkpoint(tiny_init, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    T.main(["--init", str(tiny_init), "--minutes", "0.12", "--stage1-minutes", "0.03", "--batch-size", "4",
+            "--eval-n", "10", "--threads", "1", "--compile", "0", "--bgdrop-from", "0.0", "--bgdrop", "48:1",
+            "--questions", "spatial,count,color", "--out", str(out)])
+    log = capsys.readouterr().out
+    assert "FINAL accuracy" in log
+    before, _ = load_testbed(tiny_init)
+    after, _ = load_testbed(out)
+    w0, w1 = _weights(before), _weights(after)
+    assert w0.keys() == w1.keys()
+    changed = [k for k in w0 if not torch.equal(w0[k], w1[k])]
+    assert any(k.startswith("model.vision_tower") for k in changed)
+    assert any(k.startswith("model.language_model") for k in changed)
+    curve = json.loads((out / "training_curve.json").read_text())
+    assert curve["curve"] and 0.0 <= curve["curve"][-1]["accuracy"] <= 1.0
+    assert curve["args"]["questions"] == ["spatial", "count", "color"]
+    heads = torch.load(str(out) + ".aux_heads.pt")
+    assert set(heads) == {"cls_head", "patch_head", "position_head"}
+
+
+def test_warm_start_takes_the_saved_auxiliary_heads(tiny_init, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["--minutes", "0.05", "--stage1-minutes", "0", "--batch-size", "2", "--eval-n", "5", "--threads", "1",
+              "--compile", "0"]
+    T.main(["--init", str(tiny_init), "--out", str(first)] + common)
+    heads = torch.load(str(first) + ".aux_heads.pt")
+    T.main(["--init", str(first), "--out", str(second), "--lr", "0"] + common)
+    again = torch.load(str(second) + ".aux_heads.pt")
+    for name in heads:
+        for key in heads[name]:
+            assert torch.equal(heads[name][key], again[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("questions, message", [("color,colour", "unknown question families ['colour']"),
+                                                ("color," * 6 + "shape", "7 questions per image")])
+def test_bad_question_families_are_refused(questions, message, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--questions", questions])
+    assert message in capsys.readouterr().err
