@@ -1,8 +1,9 @@
 """Train the testbed model from scratch on generated scenes, on a CPU, under a wall-clock budget.
 
 Run ``python -m tokenprune.testbed.train --minutes 80 --out tokenprune/testbed/checkpoint`` (or
-``tokenprune testbed train``). The recipe, each part of which was needed for the model to learn in
-about an hour of 2-core CPU time:
+``tokenprune testbed train``); ``--init DIR`` continues from a saved checkpoint (and its auxiliary
+heads, saved beside it as ``DIR.aux_heads.pt``). The recipe, each part of which a from-scratch
+prototype of this model needed to learn in about an hour of 2-core CPU time:
 
 1. a short vision-only stage: the [CLS] token predicts which (colour, shape) pairs are present (a
    CLIP-like summary, which is also what makes [CLS] attention meaningful for pruning), and every
@@ -14,7 +15,9 @@ about an hour of 2-core CPU time:
    background tokens there are (counting otherwise learns "share of object tokens" and breaks under
    any pruning).
 
-The auxiliary heads are not part of the saved ``LlavaForConditionalGeneration``.
+The auxiliary heads are not part of the saved ``LlavaForConditionalGeneration``. The shipped
+checkpoint took three runs (212 minutes of CPU time in all, the last two warm-started; their curves
+are in its ``training_curve.json``).
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default="", help="warm start from a saved testbed checkpoint directory")
     p.add_argument("--questions", type=_families, default=DEFAULT_QUESTIONS,
                    help=f"question families asked about each training image (at most {MAX_Q}, repeats allowed)")
-    p.add_argument("--position-weight", type=float, default=1.0,
-                   help="weight of the auxiliary loss that has each projected patch token predict its position")
+    p.add_argument("--position-weight", type=float, default=0.0,
+                   help="weight of an auxiliary loss that has each projected patch token predict its own "
+                        "(column, row) in stage 2 (off by default; see the testbed docs)")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
 
