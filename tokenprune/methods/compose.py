@@ -148,9 +148,9 @@ class PruningMethod:
         layers = [(s.layer, s.reference_depth) for s in stages if not s.before_llm]
         if len({r for _, r in layers}) > 1:
             raise StageError("in-LLM stages must share one reference_depth")
-        if [lay for lay, _ in layers] != sorted({lay for lay, _ in layers}):
-            got = [layer for layer, _ in layers]
-            raise StageError(f"in-LLM stages must have strictly increasing layers, got {got}")
+        order = [layer for layer, _ in layers]
+        if order != sorted(set(order)):
+            raise StageError(f"in-LLM stages must have strictly increasing layers, got {order}")
         object.__setattr__(self, "stages", stages)
 
     # -- selection core ----------------------------------------------------------------------------

@@ -103,13 +103,14 @@ def scene_questions(rng, scene, families=DEFAULT_QUESTIONS):
     """
     qs, seen = [], set()
     for f in families:
-        for _ in range(4):
+        for _ in range(4):  # a few draws to find a question not asked yet
             q = S.questions_for(rng, scene, f)
-            if q is None or (q.text, q.answer) not in seen:
+            if q is None:
                 break
-        if q is not None and (q.text, q.answer) not in seen:
-            seen.add((q.text, q.answer))
-            qs.append(q)
+            if (q.text, q.answer) not in seen:
+                seen.add((q.text, q.answer))
+                qs.append(q)
+                break
     return [qs[i] for i in rng.permutation(len(qs))]
 
 
@@ -339,7 +340,6 @@ def main(argv=None):
     stage2 = torch.compile(stage2_loss, dynamic=False) if args.compile else stage2_loss
     bgdrop = [(int(k), float(p)) for k, p in (x.split(":") for x in args.bgdrop.split(","))]
     drop_p = np.array([p for _, p in bgdrop]) / sum(p for _, p in bgdrop)
-    families = args.questions
     curriculum = [(float(f), tuple(int(v) for v in r.split("-")))
                   for f, r in (x.split(":") for x in args.curriculum.split(","))]
     t2 = elapsed()
@@ -352,7 +352,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(frac, args.lr) * g["mult"]
         lo, hi = next(r for f, r in curriculum if frac <= f)
-        b, batch_scenes = multi_batch(rng, backgrounds, args.batch_size, lo, hi, families)
+        b, batch_scenes = multi_batch(rng, backgrounds, args.batch_size, lo, hi, args.questions)
         plab, pcen = patch_targets(batch_scenes)
         k = S.NUM_PATCHES
         if frac >= args.bgdrop_from:
