@@ -45,6 +45,8 @@ def test_short_run_trains_and_saves_a_loadable_checkpoint(tiny_init, tmp_path, c
     assert curve["args"]["questions"] == ["spatial", "count", "color"]
     heads = torch.load(str(out) + ".aux_heads.pt")
     assert set(heads) == {"cls_head", "patch_head", "position_head"}
+    assert before.config.vision_feature_layer == -1
+    assert after.config.vision_feature_layer == [0, -1]  # the default --feature-layers widened the projector
 
 
 def test_warm_start_takes_the_saved_auxiliary_heads(tiny_init, tmp_path):
@@ -66,3 +68,9 @@ def test_bad_question_families_are_refused(questions, message, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--questions", questions])
     assert message in capsys.readouterr().err
+
+
+def test_bad_feature_layers_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--feature-layers", "0,last"])
+    assert "feature layers must be comma-separated integers, got '0,last'" in capsys.readouterr().err

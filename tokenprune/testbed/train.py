@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from . import scenes as S
-from .model import build_model, build_processor
+from .model import add_patch_positions, build_model, build_processor, projected_features, widen_projector
 
 
 def _families(text):
@@ -42,6 +42,13 @@ def _families(text):
     if not 0 < len(families) <= MAX_Q:
         raise argparse.ArgumentTypeError(f"{len(families)} questions per image; at most {MAX_Q}")
     return families
+
+
+def _layers(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"feature layers must be comma-separated integers, got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -69,6 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--position-weight", type=float, default=0.0,
                    help="weight of an auxiliary loss that has each projected patch token predict its own "
                         "(column, row) in stage 2 (off by default; see the testbed docs)")
+    p.add_argument("--feature-layers", type=_layers, default=(0, -1),
+                   help="vision hidden states the projector reads (vision_feature_layer), comma-separated; "
+                        "a warm start from a single-layer checkpoint gets zero-initialised projector columns")
+    p.add_argument("--add-positions", type=float, default=0.0,
+                   help="with --init: add this multiple of the 2-D sine-cosine embedding to the tower's patch "
+                        "position embeddings (fresh models start with it)")
     p.add_argument("--aux-weight", type=float, default=0.3, help="weight of the auxiliary vision losses in stage 2")
     return p.parse_args(argv)
 
@@ -120,24 +133,28 @@ SEQ_LEN = 1 + S.NUM_PATCHES + MAX_Q * MAX_Q_LEN
 
 
 def multi_batch(rng, backgrounds, n, lo, hi, families=DEFAULT_QUESTIONS):
-    """Training batch: ``<s> <image>x196 q1 a1 q2 a2 ...`` right-padded, answer positions and answer ids."""
+    """Training batch: ``<s> <image>x196 q1 a1 q2 a2 ...`` right-padded, answer positions, answer ids and
+    each answer's question family (index into ``FAMILIES``, -1 where no question)."""
     import torch
 
     batch_scenes = [S.make_scene(rng, backgrounds, lo, hi) for _ in range(n)]
     input_ids = torch.full((n, SEQ_LEN), S.PAD_ID, dtype=torch.long)
     answer_pos = torch.zeros((n, MAX_Q), dtype=torch.long)
     answers = torch.full((n, MAX_Q), -100, dtype=torch.long)
+    family = torch.full((n, MAX_Q), -1, dtype=torch.long)
     for i, sc in enumerate(batch_scenes):
         ids = [S.BOS_ID] + [S.IMAGE_ID] * S.NUM_PATCHES
         for j, q in enumerate(scene_questions(rng, sc, families)):
             ids += [S.WORD_TO_ID[w] for w in q.words]
             answer_pos[i, j] = len(ids) - 1
             answers[i, j] = S.WORD_TO_ID[q.answer]
+            family[i, j] = S.FAMILIES.index(q.family)
             ids.append(S.WORD_TO_ID[q.answer])
         input_ids[i, : len(ids)] = torch.tensor(ids)
     pv = torch.from_numpy(S.pixel_values(np.stack([s.image for s in batch_scenes])))
     pres = torch.from_numpy(np.stack([S.presence(s) for s in batch_scenes]))
-    return dict(input_ids=input_ids, answer_pos=answer_pos, answers=answers, pixel_values=pv, presence=pres), \
+    return dict(input_ids=input_ids, answer_pos=answer_pos, answers=answers, family=family, pixel_values=pv,
+                presence=pres), \
         batch_scenes
 
 
@@ -198,9 +215,14 @@ def main(argv=None):
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
+        current = model.config.vision_feature_layer
+        if list(args.feature_layers) != ([current] if isinstance(current, int) else list(current)):
+            widen_projector(model, args.feature_layers)
+        if args.add_positions:
+            add_patch_positions(model, args.add_positions)
         model.train()
     else:
-        model = build_model(seed=args.seed)
+        model = build_model(feature_layers=args.feature_layers, seed=args.seed)
     vh = model.config.vision_config.hidden_size
     cls_head = nn.Linear(vh, S.NUM_COMBOS)
     patch_head = nn.Sequential(nn.LayerNorm(vh), nn.Linear(vh, S.NUM_COMBOS + 2))
@@ -250,7 +272,7 @@ def main(argv=None):
         for b in evals:
             b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
             with autocast():
-                feats = base.multi_modal_projector(tower(b["pixel_values"]).last_hidden_state[:, 1:])
+                feats = projected_features(model, tower(b["pixel_values"], output_hidden_states=True))
                 emb = base.get_input_embeddings()(b["input_ids"])
                 emb = emb.masked_scatter((b["input_ids"] == S.IMAGE_ID)[..., None], feats.to(emb.dtype))
                 h = base.language_model(inputs_embeds=emb).last_hidden_state
@@ -316,8 +338,8 @@ def main(argv=None):
 
     def stage2_loss(input_ids, pv, answer_pos, answers, pres, plab, pcen, keep):
         with autocast():
-            vout = tower(pv)
-            feats = base.multi_modal_projector(vout.last_hidden_state[:, 1:])
+            vout = tower(pv, output_hidden_states=True)
+            feats = projected_features(model, vout)
             emb = base.get_input_embeddings()(input_ids)
             B, K = keep.shape
             kept = torch.gather(feats, 1, keep[..., None].expand(-1, -1, feats.shape[-1]))
@@ -374,12 +396,16 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         step += 1
-        lab = b["answers"].reshape(-1)
-        valid = lab >= 0
-        hist.append((l_ans.item(), (lg.argmax(-1) == lab)[valid].float().mean().item()))
+        hit = (lg.argmax(-1) == b["answers"].reshape(-1)).cpu().numpy()
+        fam = b["family"].reshape(-1).cpu().numpy()
+        hist.append((l_ans.item(), [hit[fam == f].sum() for f in range(len(S.FAMILIES))],
+                     [(fam == f).sum() for f in range(len(S.FAMILIES))]))
         if step % 20 == 0:
-            a = np.mean(hist[-20:], 0)
-            log(f"stage 2 step {step} answer loss {a[0]:.4f} train acc {a[1]:.3f} lr {opt.param_groups[0]['lr']:.2e}")
+            recent = hist[-20:]
+            hits, counts = np.sum([h[1] for h in recent], 0), np.sum([h[2] for h in recent], 0)
+            per = " ".join(f"{f} {h / c:.2f}" for f, h, c in zip(S.FAMILIES, hits, counts) if c)
+            log(f"stage 2 step {step} answer loss {np.mean([h[0] for h in recent]):.4f} train acc "
+                f"{hits.sum() / counts.sum():.3f} ({per}) lr {opt.param_groups[0]['lr']:.2e}")
         if elapsed() >= next_eval:
             per, acc = evaluate()
             curve.append(dict(minutes=elapsed() / 60, step=step, accuracy=acc, per_family=per.tolist()))
