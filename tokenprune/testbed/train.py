@@ -16,8 +16,9 @@ prototype of this model needed to learn in about an hour of 2-core CPU time:
    any pruning).
 
 The auxiliary heads are not part of the saved ``LlavaForConditionalGeneration``. The shipped
-checkpoint took three runs (212 minutes of CPU time in all, the last two warm-started; their curves
-are in its ``training_curve.json``).
+checkpoint took five runs (307 minutes of CPU time in all, the last four warm-started, the last two
+after widening the projector to read the tower's input; their commands and curves are in its
+``training_curve.json``).
 """
 
 from __future__ import annotations
