@@ -56,6 +56,11 @@ def build_model(vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=
     transformers.LlavaForConditionalGeneration
         With a 224 px / 16 px CLIP vision tower (196 patch tokens plus [CLS]) whose patch position
         embeddings start as :func:`sincos_position_2d`, and a Llama text model.
+
+    Raises
+    ------
+    ValueError
+        ``vision_hidden`` is not a multiple of 4 (the sine-cosine embedding splits it in four).
     """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -103,8 +108,8 @@ def add_patch_positions(model, scale: float = 1.0) -> None:
     """Add ``scale`` times :func:`sincos_position_2d` to the tower's patch position embeddings, in place.
 
     A tower trained only on position-invariant objectives lets its learned position embeddings
-    collapse (the first testbed checkpoint: norm 0.9 against 28 for an object patch's embedding), and
-    then nothing but the LLM's 1-D RoPE over raster order says where a patch is.
+    collapse (the testbed checkpoint trained without this: norm 0.9 against 28 for an object patch's
+    embedding), and then nothing but the LLM's 1-D RoPE over raster order says where a patch is.
     """
     import torch
 
