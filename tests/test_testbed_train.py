@@ -74,3 +74,10 @@ def test_bad_feature_layers_are_refused(capsys):
     with pytest.raises(SystemExit):
         T.parse_args(["--feature-layers", "0,last"])
     assert "feature layers must be comma-separated integers, got '0,last'" in capsys.readouterr().err
+
+
+def test_family_tally_counts_asked_questions_per_family():
+    hit = torch.tensor([1, 0, 1, 1, 0, 1]).numpy()
+    family = torch.tensor([0, 0, 4, -1, 2, -1]).numpy()  # -1: no question in that slot
+    hits, counts = T.family_tally(hit, family)
+    assert hits.tolist() == [1, 0, 0, 0, 1] and counts.tolist() == [2, 0, 1, 0, 1]

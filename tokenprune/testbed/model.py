@@ -85,6 +85,12 @@ def build_model(vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=
     return model
 
 
+def feature_layers(config) -> list:
+    """``config.vision_feature_layer`` as a list of ints (one entry for a single layer)."""
+    layers = config.vision_feature_layer
+    return [layers] if isinstance(layers, int) else list(layers)
+
+
 def projected_features(model, vision_output):
     """The visual tokens ``get_image_features`` makes (strategy "default"), from a tower output.
 
@@ -98,9 +104,7 @@ def projected_features(model, vision_output):
     """
     import torch
 
-    layers = model.config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    hidden = torch.cat([vision_output.hidden_states[i][:, 1:] for i in layers], -1)
+    hidden = torch.cat([vision_output.hidden_states[i][:, 1:] for i in feature_layers(model.config)], -1)
     return model.model.multi_modal_projector(hidden)
 
 
@@ -114,9 +118,8 @@ def add_patch_positions(model, scale: float = 1.0) -> None:
     import torch
 
     emb = model.model.vision_tower.embeddings.position_embedding
-    grid = S.IMAGE_SIZE // S.PATCH_SIZE
     with torch.no_grad():
-        emb.weight[1:] += scale * sincos_position_2d(grid, emb.weight.shape[1]).to(emb.weight.dtype)
+        emb.weight[1:] += scale * sincos_position_2d(S.GRID, emb.weight.shape[1]).to(emb.weight.dtype)
 
 
 def widen_projector(model, feature_layers) -> None:

@@ -24,6 +24,7 @@ after widening the projector to read the tower's input; their commands and curve
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -32,7 +33,8 @@ import time
 import numpy as np
 
 from . import scenes as S
-from .model import add_patch_positions, build_model, build_processor, projected_features, widen_projector
+from .model import (add_patch_positions, build_model, build_processor, feature_layers, projected_features,
+                    widen_projector)
 
 
 def _families(text):
@@ -184,6 +186,14 @@ def eval_batches(n, seed):
     return out
 
 
+def family_tally(hit, family):
+    """Correct answers and questions per family, float64 ``[len(FAMILIES)]`` each (``family`` -1: no question)."""
+    asked = family >= 0
+    n = len(S.FAMILIES)
+    return (np.bincount(family[asked], weights=hit[asked], minlength=n),
+            np.bincount(family[asked], minlength=n).astype(np.float64))
+
+
 def cosine_lr(frac, base, warm=0.03, floor=0.05):
     if frac < warm:
         return base * max(frac / warm, 0.02)
@@ -216,8 +226,7 @@ def main(argv=None):
         from transformers import LlavaForConditionalGeneration
 
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
-        current = model.config.vision_feature_layer
-        if list(args.feature_layers) != ([current] if isinstance(current, int) else list(current)):
+        if feature_layers(model.config) != list(args.feature_layers):
             widen_projector(model, args.feature_layers)
         if args.add_positions:
             add_patch_positions(model, args.add_positions)
@@ -278,10 +287,9 @@ def main(argv=None):
                 emb = emb.masked_scatter((b["input_ids"] == S.IMAGE_ID)[..., None], feats.to(emb.dtype))
                 h = base.language_model(inputs_embeds=emb).last_hidden_state
                 pred = model.lm_head(h[torch.arange(h.shape[0]), b["last"]]).float().argmax(-1)
-            ok = (pred == b["labels"]).cpu().numpy()
-            for f in range(len(S.FAMILIES)):
-                correct[f] += ok[b["family"] == f].sum()
-                total[f] += (b["family"] == f).sum()
+            hits, counts = family_tally((pred == b["labels"]).cpu().numpy(), b["family"])
+            correct += hits
+            total += counts
         model.train()
         return correct / np.maximum(total, 1), correct.sum() / total.sum()
 
@@ -367,7 +375,7 @@ def main(argv=None):
                   for f, r in (x.split(":") for x in args.curriculum.split(","))]
     t2 = elapsed()
     s2 = budget - t2
-    curve, hist = [], []
+    curve, recent = [], collections.deque(maxlen=20)  # (answer loss, hits, counts) of the last steps
     next_eval = t2 + args.eval_every * 60
     step = 0
     while elapsed() < budget:
@@ -397,12 +405,9 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         opt.step()
         step += 1
-        hit = (lg.argmax(-1) == b["answers"].reshape(-1)).cpu().numpy()
-        fam = b["family"].reshape(-1).cpu().numpy()
-        hist.append((l_ans.item(), [hit[fam == f].sum() for f in range(len(S.FAMILIES))],
-                     [(fam == f).sum() for f in range(len(S.FAMILIES))]))
+        recent.append((l_ans.item(), *family_tally((lg.argmax(-1) == b["answers"].reshape(-1)).cpu().numpy(),
+                                                   b["family"].reshape(-1).cpu().numpy())))
         if step % 20 == 0:
-            recent = hist[-20:]
             hits, counts = np.sum([h[1] for h in recent], 0), np.sum([h[2] for h in recent], 0)
             per = " ".join(f"{f} {h / c:.2f}" for f, h, c in zip(S.FAMILIES, hits, counts) if c)
             log(f"stage 2 step {step} answer loss {np.mean([h[0] for h in recent]):.4f} train acc "
