@@ -8,8 +8,8 @@ import torch
 from sklearn.linear_model import LinearRegression
 
 from tokenprune.testbed import scenes as S
-from tokenprune.testbed.model import (add_patch_positions, build_model, projected_features, sincos_position_2d,
-                                      widen_projector)
+from tokenprune.testbed.model import (add_patch_positions, build_model, projected_features, reset_language_model,
+                                      sincos_position_2d, widen_projector)
 
 TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
 
@@ -89,3 +89,22 @@ def test_training_features_are_the_stock_image_features(layers):
         ours = projected_features(model, model.model.vision_tower(pv, output_hidden_states=True))
         stock = _image_features(model, pv)
     assert torch.equal(ours, stock)
+
+
+def test_reset_language_model_keeps_the_vision_side_and_leaves_the_original_alone():
+    model = build_model(**TINY, feature_layers=(0, -1), seed=1)
+    with torch.no_grad():  # make the language model distinguishable from any fresh one
+        for p in model.model.language_model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = reset_language_model(model, seed=2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    after = fresh.state_dict()
+    assert after.keys() == before.keys()
+    vision = [k for k in before if k.startswith(("model.vision_tower", "model.multi_modal_projector"))]
+    assert vision and all(torch.equal(after[k], before[k]) for k in vision)
+    language = [k for k in before if k.startswith(("model.language_model", "lm_head"))
+                and not k.endswith("norm.weight")]
+    assert language and not any(torch.equal(after[k], before[k]) for k in language)
+    pv = _pixels()
+    assert torch.equal(_image_features(fresh, pv), _image_features(model, pv))

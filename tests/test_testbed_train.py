@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from tokenprune.testbed import scenes as S
 from tokenprune.testbed import train as T
 from tokenprune.testbed.evaluate import load_testbed
 from tokenprune.testbed.model import build_model, build_processor
@@ -44,7 +46,7 @@ def test_short_run_trains_and_saves_a_loadable_checkpoint(tiny_init, tmp_path, c
     assert curve["curve"] and 0.0 <= curve["curve"][-1]["accuracy"] <= 1.0
     assert curve["args"]["questions"] == ["spatial", "count", "color"]
     heads = torch.load(str(out) + ".aux_heads.pt")
-    assert set(heads) == {"cls_head", "patch_head", "position_head"}
+    assert set(heads) == {"cls_head", "patch_head", "position_head", "side_head"}
     assert before.config.vision_feature_layer == -1
     assert after.config.vision_feature_layer == [0, -1]  # the default --feature-layers widened the projector
 
@@ -81,3 +83,37 @@ def test_family_tally_counts_asked_questions_per_family():
     family = torch.tensor([0, 0, 4, -1, 2, -1]).numpy()  # -1: no question in that slot
     hits, counts = T.family_tally(hit, family)
     assert hits.tolist() == [1, 0, 0, 0, 1] and counts.tolist() == [2, 0, 1, 0, 1]
+
+
+def test_reset_language_model_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="--reset-language-model needs --init"):
+        T.main(["--reset-language-model", "--minutes", "0.01", "--out", str(tmp_path / "x")])
+
+
+def test_spatial_questions_are_asked_only_with_a_third_object():
+    rng = np.random.default_rng(3)
+    backgrounds = S.make_backgrounds(4, seed=3)
+    asked, admitted = {2: 0, 3: 0}, {2: 0, 3: 0}
+    for _ in range(60):
+        n = int(rng.integers(2, 4))
+        scene = S.make_scene(rng, backgrounds, n, n)
+        spatial = [q for q in T.scene_questions(rng, scene, ("spatial", "color")) if q.family == "spatial"]
+        asked[n] += len(spatial)
+        admitted[n] += bool(S.spatial_candidates(scene))
+    assert admitted[2] > 0  # the generator has spatial questions about two objects; training skips them
+    assert asked[2] == 0 and asked[3] > 0
+
+
+def test_batches_mark_the_side_word_and_shape_of_each_spatial_question():
+    rng = np.random.default_rng(8)
+    batch, _ = T.multi_batch(rng, S.make_backgrounds(4, seed=8), 6, 3, 5, ("spatial", "spatial", "color"))
+    spatial = batch["family"] == S.FAMILIES.index("spatial")
+    assert spatial.any()
+    assert torch.equal(batch["side_answers"] >= 0, spatial)
+    for i, j in spatial.nonzero().tolist():
+        side_word = S.VOCAB[int(batch["input_ids"][i, batch["side_pos"][i, j]])]
+        assert side_word in S.SIDES
+        answer = S.VOCAB[int(batch["answers"][i, j])]
+        assert S.SHAPES[int(batch["side_answers"][i, j])] == answer
+        # the side word belongs to this question: its answer follows within the question's length
+        assert 0 < int(batch["answer_pos"][i, j] - batch["side_pos"][i, j]) < T.MAX_Q_LEN

@@ -122,6 +122,27 @@ def add_patch_positions(model, scale: float = 1.0) -> None:
         emb.weight[1:] += scale * sincos_position_2d(S.GRID, emb.weight.shape[1]).to(emb.weight.dtype)
 
 
+def reset_language_model(model, seed: int = 0):
+    """A model with ``model``'s vision tower and projector and a freshly initialised language model.
+
+    For retraining the LLM on top of a vision side that already encodes what it needs (a language model
+    stuck in a shortcut does not leave it by training on).
+
+    Returns
+    -------
+    transformers.LlavaForConditionalGeneration
+        A new model with ``model.config``; ``model`` is not changed.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    fresh = LlavaForConditionalGeneration(model.config)
+    fresh.model.vision_tower.load_state_dict(model.model.vision_tower.state_dict())
+    fresh.model.multi_modal_projector.load_state_dict(model.model.multi_modal_projector.state_dict())
+    return fresh
+
+
 def widen_projector(model, feature_layers) -> None:
     """Make a single-layer model's projector read ``feature_layers``, in place, computing the same function.
 
