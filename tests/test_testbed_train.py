@@ -86,7 +86,7 @@ def test_family_tally_counts_asked_questions_per_family():
 
 
 def test_reset_language_model_needs_a_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="--reset-language-model needs --init"):
+    with pytest.raises(SystemExit, match="--reset-language-model and --insert-layer need --init"):
         T.main(["--reset-language-model", "--minutes", "0.01", "--out", str(tmp_path / "x")])
 
 
@@ -117,3 +117,11 @@ def test_batches_mark_the_side_word_and_shape_of_each_spatial_question():
         assert S.SHAPES[int(batch["side_answers"][i, j])] == answer
         # the side word belongs to this question: its answer follows within the question's length
         assert 0 < int(batch["answer_pos"][i, j] - batch["side_pos"][i, j]) < T.MAX_Q_LEN
+
+
+def test_insert_layer_adds_a_decoder_layer_to_the_saved_model(tiny_init, tmp_path):
+    out = tmp_path / "deeper"
+    T.main(["--init", str(tiny_init), "--insert-layer", "0", "--minutes", "0.03", "--stage1-minutes", "0",
+            "--batch-size", "2", "--eval-n", "5", "--threads", "1", "--compile", "0", "--out", str(out)])
+    model, _ = load_testbed(out)
+    assert model.config.text_config.num_hidden_layers == TINY["text_layers"] + 1

@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 from . import scenes as S
-from .model import (add_patch_positions, build_model, build_processor, feature_layers, projected_features,
-                    reset_language_model, widen_projector)
+from .model import (add_patch_positions, build_model, build_processor, feature_layers, insert_language_layer,
+                    projected_features, reset_language_model, widen_projector)
 
 
 def _families(text):
@@ -96,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--side-word-weight", type=float, default=1.0,
                    help="weight of an auxiliary loss that has the LLM's last hidden state at the side word "
                         "('left'/'right') of each spatial question predict the answer shape (see the module docs)")
+    p.add_argument("--insert-layer", type=int, default=None, metavar="INDEX",
+                   help="with --init: insert a fresh decoder layer into the LLM at INDEX, starting as the identity")
     p.add_argument("--reset-language-model", action="store_true",
                    help="with --init: keep the vision tower and projector, start the language model afresh")
     return p.parse_args(argv)
@@ -255,12 +257,14 @@ def main(argv=None):
             widen_projector(model, args.feature_layers)
         if args.reset_language_model:
             model = reset_language_model(model, args.seed)
+        if args.insert_layer is not None:
+            insert_language_layer(model, args.insert_layer, args.seed)
         if args.add_positions:
             add_patch_positions(model, args.add_positions)
         model.train()
     else:
-        if args.reset_language_model:
-            raise SystemExit("--reset-language-model needs --init (a checkpoint whose vision side to keep)")
+        if args.reset_language_model or args.insert_layer is not None:
+            raise SystemExit("--reset-language-model and --insert-layer need --init (a checkpoint to change)")
         model = build_model(feature_layers=args.feature_layers, seed=args.seed)
     vh = model.config.vision_config.hidden_size
     cls_head = nn.Linear(vh, S.NUM_COMBOS)
