@@ -8,8 +8,8 @@ import torch
 from sklearn.linear_model import LinearRegression
 
 from tokenprune.testbed import scenes as S
-from tokenprune.testbed.model import (add_patch_positions, build_model, insert_language_layer, projected_features,
-                                      reset_language_model, sincos_position_2d, widen_projector)
+from tokenprune.testbed.model import (add_patch_positions, build_model, projected_features, reset_language_model,
+                                      sincos_position_2d, widen_projector)
 
 TINY = dict(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
 
@@ -109,32 +109,3 @@ def test_reset_language_model_keeps_the_vision_side_and_leaves_the_original_alon
     pv = _pixels()
     assert torch.equal(_image_features(fresh, pv), _image_features(model, pv))
 
-
-def _logits(model, seed=0):
-    rng = np.random.default_rng(seed)
-    examples = [S.make_example(rng, S.make_backgrounds(4, seed=seed), "spatial") for _ in range(2)]
-    ids = torch.tensor([S.prompt_ids(q.words) for _, q in examples])
-    pv = torch.from_numpy(S.pixel_values(np.stack([scene.image for scene, _ in examples])))
-    with torch.no_grad():
-        return model(input_ids=ids, pixel_values=pv).logits
-
-
-@pytest.mark.parametrize("index", [0, 1])
-def test_inserted_language_layer_starts_as_the_identity(index, tmp_path):
-    model = build_model(**TINY, seed=3).eval()
-    before = _logits(model)
-    insert_language_layer(model, index, seed=4)
-    layers = model.model.language_model.layers
-    assert model.config.text_config.num_hidden_layers == len(layers) == 2
-    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1]
-    assert layers[index].self_attn.q_proj.weight.abs().sum() > 0  # fresh, not a copy of zeros
-    assert torch.equal(_logits(model), before)
-    model.save_pretrained(tmp_path)
-    reloaded = type(model).from_pretrained(tmp_path).eval()
-    assert torch.equal(_logits(reloaded), before)
-
-
-@pytest.mark.parametrize("index", [-1, 2])
-def test_insert_language_layer_refuses_an_index_outside_the_stack(index):
-    with pytest.raises(ValueError, match=f"layer index {index} is outside 0 .. 1"):
-        insert_language_layer(build_model(**TINY), index)

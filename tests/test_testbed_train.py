@@ -86,7 +86,7 @@ def test_family_tally_counts_asked_questions_per_family():
 
 
 def test_reset_language_model_needs_a_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="--reset-language-model and --insert-layer need --init"):
+    with pytest.raises(SystemExit, match="--reset-language-model needs --init"):
         T.main(["--reset-language-model", "--minutes", "0.01", "--out", str(tmp_path / "x")])
 
 
@@ -119,9 +119,15 @@ def test_batches_mark_the_side_word_and_shape_of_each_spatial_question():
         assert 0 < int(batch["answer_pos"][i, j] - batch["side_pos"][i, j]) < T.MAX_Q_LEN
 
 
-def test_insert_layer_adds_a_decoder_layer_to_the_saved_model(tiny_init, tmp_path):
-    out = tmp_path / "deeper"
-    T.main(["--init", str(tiny_init), "--insert-layer", "0", "--minutes", "0.03", "--stage1-minutes", "0",
-            "--batch-size", "2", "--eval-n", "5", "--threads", "1", "--compile", "0", "--out", str(out)])
-    model, _ = load_testbed(out)
-    assert model.config.text_config.num_hidden_layers == TINY["text_layers"] + 1
+
+def test_freeze_vision_trains_only_the_language_model(tiny_init, tmp_path):
+    out = tmp_path / "frozen"
+    T.main(["--init", str(tiny_init), "--freeze-vision", "--precision", "fp32", "--feature-layers", "-1",
+            "--minutes", "0.05", "--stage1-minutes", "0", "--batch-size", "4", "--eval-n", "5", "--threads", "1",
+            "--compile", "0", "--lr", "3e-3", "--out", str(out)])
+    before, _ = load_testbed(tiny_init)
+    after, _ = load_testbed(out)
+    w0, w1 = _weights(before), _weights(after)
+    changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
+    assert any(k.startswith("model.language_model") for k in changed)
+    assert not any(k.startswith(("model.vision_tower", "model.multi_modal_projector")) for k in changed)

@@ -143,44 +143,6 @@ def reset_language_model(model, seed: int = 0):
     return fresh
 
 
-def insert_language_layer(model, index: int = 0, seed: int = 0) -> None:
-    """Insert a freshly initialised decoder layer into the language model at ``index``, in place.
-
-    Its attention output projection and MLP down projection start at zero, so the layer adds nothing
-    to the residual stream and the model computes exactly what it did; training then grows it. A
-    fresh layer's attention is still spread out, so it can learn what the trained layers' sharp
-    attention no longer gets a gradient for (the testbed used it to learn spatial relations).
-
-    Raises
-    ------
-    ValueError
-        ``index`` is outside ``0 .. num_hidden_layers``.
-    """
-    import torch
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    text = model.config.text_config
-    layers = model.model.language_model.layers
-    if not 0 <= index <= len(layers):
-        raise ValueError(f"layer index {index} is outside 0 .. {len(layers)}")
-    torch.manual_seed(seed)
-    layer = LlamaDecoderLayer(text, layer_idx=index)
-    std = text.initializer_range
-    with torch.no_grad():
-        for name, param in layer.named_parameters():
-            if name.endswith("layernorm.weight"):
-                param.fill_(1.0)
-            elif name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-                param.zero_()
-            else:
-                param.normal_(0.0, std)
-    layer.to(next(layers.parameters()).dtype)
-    layers.insert(index, layer)
-    for i, block in enumerate(layers):
-        block.self_attn.layer_idx = i
-    text.num_hidden_layers = len(layers)
-
-
 def widen_projector(model, feature_layers) -> None:
     """Make a single-layer model's projector read ``feature_layers``, in place, computing the same function.
 

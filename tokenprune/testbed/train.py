@@ -40,8 +40,8 @@ import time
 import numpy as np
 
 from . import scenes as S
-from .model import (add_patch_positions, build_model, build_processor, feature_layers, insert_language_layer,
-                    projected_features, reset_language_model, widen_projector)
+from .model import (add_patch_positions, build_model, build_processor, feature_layers, projected_features,
+                    reset_language_model, widen_projector)
 
 
 def _families(text):
@@ -76,7 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on both)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                   help="bf16: autocast to bfloat16 (on CPU and CUDA); fp32: no autocast")
     p.add_argument("--out", default="testbed_checkpoint")
     p.add_argument("--curriculum", default="0.15:1-3,0.35:1-5,1.0:2-6",
                    help="object-count curriculum: stage-2 time fraction : min-max objects, comma-separated")
@@ -96,8 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--side-word-weight", type=float, default=1.0,
                    help="weight of an auxiliary loss that has the LLM's last hidden state at the side word "
                         "('left'/'right') of each spatial question predict the answer shape (see the module docs)")
-    p.add_argument("--insert-layer", type=int, default=None, metavar="INDEX",
-                   help="with --init: insert a fresh decoder layer into the LLM at INDEX, starting as the identity")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="in stage 2, train only the language model (tower and projector stay as they are)")
     p.add_argument("--reset-language-model", action="store_true",
                    help="with --init: keep the vision tower and projector, start the language model afresh")
     return p.parse_args(argv)
@@ -257,14 +259,12 @@ def main(argv=None):
             widen_projector(model, args.feature_layers)
         if args.reset_language_model:
             model = reset_language_model(model, args.seed)
-        if args.insert_layer is not None:
-            insert_language_layer(model, args.insert_layer, args.seed)
         if args.add_positions:
             add_patch_positions(model, args.add_positions)
         model.train()
     else:
-        if args.reset_language_model or args.insert_layer is not None:
-            raise SystemExit("--reset-language-model and --insert-layer need --init (a checkpoint to change)")
+        if args.reset_language_model:
+            raise SystemExit("--reset-language-model needs --init (a checkpoint whose vision side to keep)")
         model = build_model(feature_layers=args.feature_layers, seed=args.seed)
     vh = model.config.vision_config.hidden_size
     cls_head = nn.Linear(vh, S.NUM_COMBOS)
@@ -300,7 +300,7 @@ def main(argv=None):
         return F.mse_loss(position_head(feats).float(), patch_xy.expand(feats.shape[0], -1, -1))
 
     def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def aux_losses(vout, presence, plab, pcen):
         l_cls = F.binary_cross_entropy_with_logits(cls_head(vout.pooler_output).float(), presence)
@@ -373,11 +373,15 @@ def main(argv=None):
 
     # Stage 2: end-to-end VQA.
     vis_ids = {id(p) for p in tower.parameters()}
+    if args.freeze_vision:
+        vis_ids |= {id(p) for p in base.multi_modal_projector.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in vis_ids)
     other = [p for p in model.parameters() if id(p) not in vis_ids]
     aux = [p for head in (cls_head, patch_head, position_head, side_head) for p in head.parameters()]
     opt = torch.optim.AdamW([
         {"params": other, "mult": 1.0},
-        {"params": list(tower.parameters()), "mult": 0.5},
+        {"params": list(tower.parameters()), "mult": 0.0 if args.freeze_vision else 0.5},
         {"params": aux, "mult": 0.5},
     ], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     all_params = [p for g in opt.param_groups for p in g["params"]]
