@@ -436,6 +436,32 @@ def test_registered_methods_run(name):
                                                                                      reverse=True)
 
 
+@pytest.mark.parametrize("family", ["llava_next", "idefics3"])
+def test_grid_methods_on_several_crops_pool_each_crop(family):
+    """Pooling and windowed methods on anyres crops / image tiles: each (image, crop) is its own grid
+    (from the adapters' coordinates), the budget split over crops in proportion to their tokens."""
+    from tokenprune.selectors.spatial import apportion
+
+    t = tiny(family)
+    m, inputs = t.model, t.inputs()
+    with prune(m, method(family, pre=1.0)) as full, torch.no_grad():
+        m(**inputs)
+    coords = full.stages[0].coords[0]
+    crops, sizes = torch.unique(coords[:, :2], dim=0, return_counts=True)
+    assert len(crops) > 2
+    budget = 3 * len(crops) + 1
+    with prune(m, "pooling", budget=budget) as report:
+        out = generate(m, inputs)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + NEW
+    kept = report.stages[0].coords[0]
+    got = [int(((kept[:, :2] == c).all(1)).sum()) for c in crops]
+    assert got == apportion(budget, sizes.tolist())  # one token per pooling window, windows per crop
+    with prune(m, "window_fastv", budget=budget) as report:
+        generate(m, inputs)
+    s = report.stages[0]
+    assert s.tokens_after[0] - s.protected[0] == budget  # newline tokens are protected, not budgeted
+
+
 # ---------------------------------------------------------------------------------------------------
 # batches with different image sizes, labels, newline tokens
 def _two_sizes():

@@ -405,6 +405,74 @@ def test_window_topk_matches_brute_force():
     assert sel.k == 7
 
 
+def _two_grids(perm_seed=0):
+    """Tokens of a 4 x 4 grid (image 0) and a 3 x 5 grid (image 0, crop 1; rows 2..4, cols 1..5 of its
+    crop, as after unpadding), shuffled, plus two padding tokens; returns features, mask, coords and
+    each grid's token positions in raster order."""
+    g = torch.Generator().manual_seed(perm_seed)
+    a = [(0, 0, y, x) for y in range(4) for x in range(4)]
+    b = [(0, 1, y + 2, x + 1) for y in range(3) for x in range(5)]
+    rows = a + b + [(-1, -1, -1, -1)] * 2
+    perm = torch.randperm(len(rows), generator=g)
+    coords = torch.tensor([rows[i] for i in perm.tolist()], dtype=torch.float32)[None]
+    mask = (coords[..., 2] >= 0)
+    x = torch.randn(1, len(rows), 5, generator=g)
+    where = {tuple(int(v) for v in coords[0, i]): i for i in range(len(rows))}
+    return x, mask, coords, [where[t] for t in a], [where[t] for t in b]
+
+
+@pytest.mark.parametrize("k", [4, 9, 12, 31])
+def test_pooling_over_several_grids_pools_each_grid_with_its_share(k):
+    """With the adapters' 'coords' signal, each (image, crop) is pooled as its own grid, the budget split
+    over grids in proportion to their tokens; exactly the per-grid pooling of each grid alone."""
+    x, mask, coords, ia, ib = _two_grids()
+    ctx = tp.make_context(x, mask=mask, coords=coords)
+    sel = Pooling().select(None, ctx, k)
+    ka, kb = k * 16 // 31, k * 15 // 31  # largest remainder, ties to the first grid
+    if ka + kb < k:
+        ka, kb = (ka + 1, kb) if (k * 16) % 31 >= (k * 15) % 31 else (ka, kb + 1)
+    want_idx, want_feat = [], {}
+    for idx, (r, c), kk in ((ia, (4, 4), ka), (ib, (3, 5), kb)):
+        if kk == 0:
+            continue
+        part = Pooling().select(None, tp.make_context(x[:, idx], grid=(r, c)), kk)
+        want_idx += [idx[i] for i in part.order[0][part.valid[0]].tolist()]
+        want_feat.update({idx[i]: f for i, f in zip(part.indices[0][part.valid[0]].tolist(),
+                                                     part.features[0][part.valid[0]])})
+    assert sel.order[0][sel.valid[0]].tolist() == want_idx  # window order: grid by grid, raster inside each
+    for i, f in zip(sel.indices[0][sel.valid[0]].tolist(), sel.features[0][sel.valid[0]]):
+        torch.testing.assert_close(f, want_feat[i], atol=1e-6, rtol=1e-6)  # window means (summation order)
+    assert not bool(mask[0, sel.indices[0][sel.valid[0]]].logical_not().any())
+
+
+def test_window_topk_over_several_grids_matches_per_window_brute_force():
+    x, mask, coords, ia, ib = _two_grids(3)
+    r = torch.rand(1, x.shape[1], generator=torch.Generator().manual_seed(4))
+    ctx = tp.make_context(x, mask=mask, coords=coords, relevance=r)
+    sel = WindowTopK(windows=2).select(Relevance(), ctx, 14)
+    # windows: 2 x 2 over the 4 x 4 grid (4 tokens each), 2 x 2 over the 3 x 5 grid (rows {0,1},{2};
+    # cols {0,1,2},{3,4}: 6, 4, 3 and 2 tokens); 14 of 31 tokens apportioned by size
+    def window(idx, rows, cols, y0, y1, x0, x1):
+        return [idx[y * cols + xx] for y in range(y0, y1) for xx in range(x0, x1)]
+    wins = [window(ia, 4, 4, y0, y0 + 2, x0, x0 + 2) for y0 in (0, 2) for x0 in (0, 2)]
+    wins += [window(ib, 3, 5, y0, y1, x0, x1) for y0, y1 in ((0, 2), (2, 3)) for x0, x1 in ((0, 3), (3, 5))]
+    sizes = [len(w) for w in wins]
+    quota = [14 * n // 31 for n in sizes]
+    for i in sorted(range(len(sizes)), key=lambda i: (-(14 * sizes[i] % 31), i))[: 14 - sum(quota)]:
+        quota[i] += 1
+    want = sorted(i for w, q in zip(wins, quota) for i in sorted(w, key=lambda i: (-float(r[0, i]), i))[:q])
+    assert sel.indices[0].tolist() == want
+
+
+def test_spatial_selectors_need_coordinates_for_every_candidate():
+    x, mask, coords, _, _ = _two_grids()
+    coords[0, int(mask[0].nonzero()[0]), 2:] = -1  # a valid token without a position (a newline token)
+    ctx = tp.make_context(x, mask=mask, coords=coords, relevance=torch.rand(1, x.shape[1]))
+    for selector, objective in ((Pooling(), None), (WindowTopK(), Relevance())):
+        with pytest.raises(MissingSignalError, match="coordinates"):
+            selector.select(objective, ctx, 4)
+
+
 # ------------------------------------------------------------------------------------------------
 # errors and configs
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ SIGNALS = {
     "text_embeddings": "[B, T, D] float: text (instruction) token embeddings in the feature space",
     "text_mask": "[B, T] bool: valid text tokens",
     "grid": "(rows, cols): the 2-D patch grid, rows * cols == N",
+    "coords": "[B, N, 4] float: (image, crop, row, col) of each token, -1 where not a patch (the adapters "
+              "pass it; spatial selectors read it when there is no single grid)",
 }
 
 

@@ -539,7 +539,8 @@ def window_fastv(budget=64, layer=2, windows=4, raters="last_token", positions="
 
     Notes
     -----
-    Signals: ``text_attention`` at layer ``K - 1`` and the patch ``grid``. What the paper leaves
+    Signals: ``text_attention`` at layer ``K - 1`` and the patch ``grid`` (or, with several crops or
+    tiles per sample, the adapters' token coordinates: windows per crop). What the paper leaves
     open: the seed paper's definitions were not retrievable; we use the usual reading (top-k inside
     local spatial windows, the budget spread evenly over them) and choose 4 x 4 windows.
 
@@ -1022,8 +1023,10 @@ def pooling(budget=64) -> PruningMethod:
 
     Notes
     -----
-    Signal: the patch ``grid`` (rows, cols). A strong baseline (arXiv:2502.11501): spatial
-    uniformity helps. How the pooled grid is shaped for a given count is the selector's choice.
+    Signal: the patch ``grid`` (rows, cols), or the adapters' token coordinates when a sample has
+    several grids (anyres crops, tiles): each crop is then pooled on its own, with a share of the
+    budget proportional to its tokens. A strong baseline (arXiv:2502.11501): spatial uniformity
+    helps. How the pooled grid is shaped for a given count is the selector's choice.
 
     References
     ----------

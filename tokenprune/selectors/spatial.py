@@ -27,8 +27,116 @@ def resolve_grid(ctx, who: str) -> tuple[int, int]:
     r = math.isqrt(n)
     if r * r == n:
         return (r, r)
-    raise MissingSignalError(f"{who} needs ctx.grid, the (rows, cols) patch grid; it was not given and "
-                             f"N = {n} tokens is not a square, so it cannot be inferred")
+    raise MissingSignalError(f"{who} needs ctx.grid, the (rows, cols) patch grid, or the 'coords' signal; "
+                             f"neither was given and N = {n} tokens is not a square, so it cannot be inferred")
+
+
+@dataclass(frozen=True)
+class GridSegment:
+    """One patch grid among a sample's tokens: an image, or one crop or tile of it.
+
+    Attributes
+    ----------
+    index : torch.Tensor
+        long ``[n]``: the positions of its tokens among the sample's ``N`` tokens.
+    rows, cols : int
+        Its grid: the bounding box of its tokens' ``(row, col)`` coordinates.
+    cell : torch.Tensor
+        long ``[n]``: each token's raster index ``y * cols + x`` inside that grid.
+    """
+
+    index: torch.Tensor
+    rows: int
+    cols: int
+    cell: torch.Tensor
+
+
+def grid_segments(ctx, who: str) -> list[list[GridSegment]]:
+    """The patch grids of each sample, per row of the context.
+
+    With ``ctx.grid`` (or a square ``N``, when the context has no ``coords`` signal) every row is one
+    ``rows x cols`` grid holding all ``N`` tokens, padding included (selectors skip it by the mask).
+    Otherwise the ``coords`` signal (``[B, N, 4]``: image, crop, row, col; ``-1`` where not a patch,
+    as the adapters pass it) splits each row's valid tokens into one grid per ``(image, crop)``, in
+    ``(image, crop)`` order, each the bounding box of its tokens (LLaVA-NeXT's anyres crops,
+    Idefics3 tiles, several images in one sample, or what an earlier stage left of them).
+
+    Raises
+    ------
+    MissingSignalError
+        Neither a grid nor coordinates, and ``N`` is not a square; or a valid token without
+        coordinates (e.g. LLaVA-NeXT newline tokens selected as candidates).
+    """
+    B, N = ctx.mask.shape
+    coords = ctx.extra.get("coords")
+    if ctx.grid is not None or coords is None:
+        rows, cols = resolve_grid(ctx, who)
+        whole = GridSegment(torch.arange(N, device=ctx.device), rows, cols, torch.arange(N, device=ctx.device))
+        return [[whole] for _ in range(B)]
+    c = coords.round().long()
+    out = []
+    for b in range(B):
+        idx = ctx.mask[b].nonzero().flatten()
+        cb = c[b, idx]
+        if bool((cb[:, 2:] < 0).any()):
+            missing = int((cb[:, 2:] < 0).any(1).sum())
+            raise MissingSignalError(f"{who} needs patch coordinates for every candidate token, and {missing} "
+                                     f"of sample {b} have none (are newline tokens candidates?)")
+        segs = []
+        out.append(segs)
+        if not len(idx):
+            continue
+        key = cb[:, 0] * (int(cb[:, 1].max()) + 1) + cb[:, 1]
+        for k in torch.unique(key).tolist():
+            sel = key == k
+            y, x = cb[sel, 2], cb[sel, 3]
+            y0, x0 = int(y.min()), int(x.min())
+            rows, cols = int(y.max()) - y0 + 1, int(x.max()) - x0 + 1
+            segs.append(GridSegment(idx[sel], rows, cols, (y - y0) * cols + (x - x0)))
+    return out
+
+
+def apportion(k: int, sizes: list[int]) -> list[int]:
+    """Split ``k`` over parts in proportion to ``sizes`` (largest remainder; ties to the earlier part)."""
+    total = sum(sizes)
+    if total == 0:
+        return [0] * len(sizes)
+    quota = [k * n // total for n in sizes]
+    rem = sorted(range(len(sizes)), key=lambda i: (-(k * sizes[i] % total), i))
+    for i in rem[: k - sum(quota)]:
+        quota[i] += 1
+    return quota
+
+
+def window_assignment(segments: list[list[GridSegment]], windows_for, N: int, device):
+    """Window id and centre key of every token, for per-segment window shapes.
+
+    ``windows_for(b, j, segment)`` gives the ``(r, c)`` windows of segment ``j`` of row ``b`` (``None``
+    or ``(0, 0)`` for none). Returns long ``wid [B, N]`` (windows numbered in raster order inside each
+    segment, segments in order; ``W`` for tokens in no window), long ``centre [B, N]`` (a key that orders
+    a window's tokens by distance to its centre, then raster order in the segment's grid) and ``W``,
+    the most windows of a row.
+    """
+    B = len(segments)
+    wid = torch.zeros(B, N, dtype=torch.long, device=device)
+    centre = torch.zeros(B, N, dtype=torch.long, device=device)
+    assigned = torch.zeros(B, N, dtype=torch.bool, device=device)
+    counts = []
+    for b, segs in enumerate(segments):
+        offset = 0
+        for j, seg in enumerate(segs):
+            shape = windows_for(b, j, seg)
+            if not shape or shape[0] * shape[1] == 0:
+                continue
+            r, c = shape
+            w, d = _window_ids(seg.rows, seg.cols, r, c, device)
+            wid[b, seg.index] = w[seg.cell] + offset
+            centre[b, seg.index] = d[seg.cell] * (seg.rows * seg.cols) + seg.cell
+            assigned[b, seg.index] = True
+            offset += r * c
+        counts.append(offset)
+    W = max(counts, default=0)
+    return wid.masked_fill_(~assigned, W), centre, W
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,15 +197,21 @@ class Pooling(Selector):
     Raises
     ------
     MissingSignalError
-        No ``ctx.grid`` and ``N`` is not a square.
+        No ``ctx.grid``, no ``coords`` signal and ``N`` is not a square; or a valid token without
+        coordinates.
 
     Notes
     -----
+    Several grids per sample (LLaVA-NeXT/OneVision anyres crops, Idefics3/SmolVLM tiles, several
+    images), as the adapters describe them with the ``coords`` signal (:func:`grid_segments`): each
+    ``(image, crop)`` is pooled as its own grid, with a share of the budget proportional to its
+    tokens (largest remainder, ties to the earlier grid); kept tokens come grid by grid.
+
     Keeps ``r·c <= k`` tokens, which can be fewer than the budget (``exact_budget = False``), and
     fewer still when whole windows are padding. Needs no objective (an objective, if given, is
-    ignored). ``O(N D)``. ``gains`` hold the number of tokens averaged into each kept token. Rows
-    with different budgets are pooled group by group (one pass per distinct budget). Mean features
-    are computed in float32 and returned in the input dtype. A strong baseline (arXiv:2502.11501).
+    ignored). ``O(N D)``, in one pass for the batch whatever the rows' budgets. ``gains`` hold the
+    number of tokens averaged into each kept token. Mean features are computed in float32 and
+    returned in the input dtype. A strong baseline (arXiv:2502.11501).
 
     References
     ----------
@@ -117,46 +231,36 @@ class Pooling(Selector):
 
     def _select(self, objective, ctx, k):
         with torch.no_grad():
-            rows, cols = resolve_grid(ctx, "Pooling")
+            segments = grid_segments(ctx, "Pooling")
             B, N = ctx.mask.shape
-            D = ctx.features.shape[-1]
-            device = ctx.device
-            feats = ctx.features
-            ks = sorted(set(k.tolist()))
-            if len(ks) == 1:  # one budget for all rows (the usual case): no regrouping
-                o, g, v, f = self._pool(feats, ctx.mask, ks[0], rows, cols)
-                return from_order(o, g, v, features=f)
-            parts = {}
-            for kv in ks:
-                sel = (k == kv).nonzero().squeeze(1).to(device)
-                parts[kv] = (sel, self._pool(feats.index_select(0, sel), ctx.mask.index_select(0, sel),
-                                             kv, rows, cols))
-            Kout = max(p[1][0].shape[1] for p in parts.values())
-            order = torch.full((B, Kout), -1, dtype=torch.long, device=device)
-            gains = torch.zeros(B, Kout, dtype=torch.float32, device=device)
-            valid = torch.zeros(B, Kout, dtype=torch.bool, device=device)
-            out = torch.zeros(B, Kout, D, dtype=feats.dtype, device=device)
-            for sel, (o, g, v, f) in parts.values():
-                w = o.shape[1]
-                order[sel, :w], gains[sel, :w], valid[sel, :w], out[sel, :w] = o, g, v, f
-            return from_order(order, gains, valid, features=out)
+            shares = [apportion(int(kb), [int(ctx.mask[b, seg.index].sum()) for seg in segments[b]])
+                      for b, kb in enumerate(k.tolist())]
+
+            def windows_for(b, j, seg):
+                return pooled_shape(shares[b][j], seg.rows, seg.cols) if shares[b][j] else None
+
+            wid, centre, W = window_assignment(segments, windows_for, N, ctx.device)
+            order, counts, valid, means = self._pool(ctx.features, ctx.mask, wid, centre, W)
+            return from_order(order, counts, valid, features=means)
 
     @staticmethod
-    def _pool(feats, mask, kv, rows, cols):
+    def _pool(feats, mask, wid, centre, W):
+        """Pool each row's windows: ``wid`` long ``[B, N]`` (``W`` for tokens in no window)."""
         B, N, D = feats.shape
         device = feats.device
-        r, c = pooled_shape(kv, rows, cols)
-        W = r * c
-        wid, dist = _window_ids(rows, cols, r, c, device)
-        m = mask.to(torch.float32)
-        sums = torch.zeros(B, W, D, dtype=torch.float32, device=device)
+        m = mask & (wid < W)
+        mf = m.to(torch.float32)
+        flat = (wid + (W + 1) * torch.arange(B, device=device)[:, None]).reshape(-1)
         xf = feats if feats.dtype == torch.float32 else feats.float()
-        sums.index_add_(1, wid, xf if bool(mask.all()) else xf * m.unsqueeze(-1))
-        counts = torch.zeros(B, W, dtype=torch.float32, device=device).index_add_(1, wid, m)
+        xf = xf if bool(m.all()) else xf * mf.unsqueeze(-1)
+        sums = torch.zeros(B * (W + 1), D, dtype=torch.float32, device=device)
+        sums.index_add_(0, flat, xf.reshape(B * N, D))
+        counts = torch.zeros(B * (W + 1), dtype=torch.float32, device=device).index_add_(0, flat, mf.reshape(-1))
+        sums, counts = sums.view(B, W + 1, D)[:, :W], counts.view(B, W + 1)[:, :W]
         means = (sums / counts.clamp_min(1.0).unsqueeze(-1)).to(feats.dtype)
-        key = (dist * N + torch.arange(N, device=device)).expand(B, N).masked_fill(~mask, _BIG)
-        rep = torch.full((B, W), _BIG, dtype=torch.long, device=device)
-        rep.scatter_reduce_(1, wid.expand(B, N), key, reduce="amin")
+        key = (centre * N + torch.arange(N, device=device)).masked_fill(~m, _BIG)
+        rep = torch.full((B, W + 1), _BIG, dtype=torch.long, device=device)
+        rep = rep.scatter_reduce_(1, wid, key, reduce="amin")[:, :W]
         ok = rep != _BIG
         order = torch.where(ok, rep % N, 0)
         # drop empty (all-padding) windows, keeping the rest in window order: valid must be a prefix
@@ -187,10 +291,14 @@ class WindowTopK(Selector):
     ValueError
         ``windows`` not a positive int or pair.
     MissingSignalError
-        No ``ctx.grid`` and ``N`` is not a square, or the objective's signal is absent.
+        No ``ctx.grid``, no ``coords`` signal and ``N`` is not a square; a valid token without
+        coordinates; or the objective's signal is absent.
 
     Notes
     -----
+    With several grids per sample (the ``coords`` signal, see :class:`Pooling`), every grid gets its
+    own ``windows``, and the budget is spread over all windows of the sample the same way.
+
     The seed paper (arXiv:2502.11501) names WindowFastV without a retrievable definition; this is the
     usual reading (top-k inside local spatial windows, budget spread evenly), stated as such. Keeps
     exactly ``min(k, valid)`` tokens. ``O(N log N)`` per sample. ``order`` lists the kept tokens by
@@ -223,20 +331,19 @@ class WindowTopK(Selector):
 
     def _select(self, objective, ctx, k):
         with torch.no_grad():
-            rows, cols = resolve_grid(ctx, "WindowTopK")
             w = self.windows
             wr, wc = (w, w) if isinstance(w, int) else w
-            r, c = min(wr, rows), min(wc, cols)
-            W = r * c
             mask = ctx.mask
             B, N = mask.shape
             device = ctx.device
+            segments = grid_segments(ctx, "WindowTopK")
+            wid, _, W = window_assignment(segments, lambda b, j, seg: (min(wr, seg.rows), min(wc, seg.cols)),
+                                          N, device)
             state = objective.prepare(ctx)
             score = objective.gains(ctx, state, mask).float()
-            wid, _ = _window_ids(rows, cols, r, c, device)
             kk = k.to(device)
             n = mask.sum(1)
-            nw = torch.zeros(B, W, dtype=torch.long, device=device).index_add_(1, wid, mask.long())
+            nw = torch.zeros(B, W + 1, dtype=torch.long, device=device).scatter_add_(1, wid, mask.long())[:, :W]
             # largest-remainder apportionment of k over windows, proportional to their valid tokens
             prod = kk[:, None] * nw
             quota, rem = prod // n[:, None], prod % n[:, None]
