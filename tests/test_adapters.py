@@ -462,6 +462,27 @@ def test_grid_methods_on_several_crops_pool_each_crop(family):
     assert s.tokens_after[0] - s.protected[0] == budget  # newline tokens are protected, not budgeted
 
 
+def test_idefics3_per_tile_features_are_regrouped_by_sample():
+    """transformers < 5.23 returns Idefics3 features as one [tiles, tokens, D] tensor over the batch;
+    the layout regroups them by each sample's real (not all-zero) images, as the model drops padding
+    images, and pruned features go back as a tensor too."""
+    from tokenprune.adapters.base import VisionRecord
+
+    ad = get_model_adapter(tiny("idefics3").model)
+    per = ad.tokens_per_tile()
+    pv = torch.rand(2, 3, 3, 8, 8) + 0.1
+    pv[0, 2] = 0.0  # sample 0 has two images and one padding image
+    pooler = torch.randn(5, per, 4)
+    record = VisionRecord(kwargs={"pixel_values": pv})
+    assert ad.image_sizes_per_item(pooler, record) == [2 * per, 3 * per]
+    layout = ad.token_layout(pooler, record)
+    tiles = layout.coords[:, 1]
+    assert tiles[: 2 * per].unique().tolist() == [0, 1] and tiles[2 * per:].unique().tolist() == [0, 1, 2]
+    assert ad.image_sizes_per_item([torch.randn(2 * per, 4), torch.randn(3 * per, 4)]) == [2 * per, 3 * per]
+    flat = torch.randn(7, 4)
+    assert ad.make_pooler(flat, pooler).shape == (7, 1, 4) and isinstance(ad.make_pooler(flat, [pooler]), list)
+
+
 # ---------------------------------------------------------------------------------------------------
 # batches with different image sizes, labels, newline tokens
 def _two_sizes():

@@ -100,8 +100,6 @@ class ModelAdapter:
     text_model_attr : str
         Attribute of the base model holding the decoder stack (``language_model``; Idefics3/SmolVLM:
         ``text_model``).
-    pooler_is_tensor : bool
-        ``get_image_features(...).pooler_output`` is one tensor (Gemma3) rather than a list/tuple.
     mrope : bool
         Position ids are 3-D M-RoPE ids (Qwen2-VL, Qwen2.5-VL): kept tokens always keep their
         ``(t, h, w)`` positions; ``positions="compact"`` is not defined for them.
@@ -115,7 +113,6 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple] = ()
     text_model_attr: ClassVar[str] = "language_model"
-    pooler_is_tensor: ClassVar[bool] = False
     mrope: ClassVar[bool] = False
     token_keys: ClassVar[tuple] = ("token_type_ids", "mm_token_type_ids")
     default_schedule: ClassVar[dict] = {}
@@ -200,9 +197,14 @@ class ModelAdapter:
             return pooler_output.reshape(-1, pooler_output.shape[-1])
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in pooler_output], dim=0)
 
-    def make_pooler(self, flat: torch.Tensor):
-        """The container the model's forward expects in ``mm_encoder_outputs["image"].pooler_output``."""
-        return flat[None] if self.pooler_is_tensor else [flat]
+    def make_pooler(self, flat: torch.Tensor, like):
+        """``flat`` ``[K, D]`` in the container the model's forward expects in
+        ``mm_encoder_outputs["image"].pooler_output``: the kind of ``like``, the model's own
+        ``get_image_features(...).pooler_output``. A list (LLaVA and most families) gets ``[flat]``;
+        a tensor (Gemma3; Idefics3 and SmolVLM before transformers 5.23) gets ``[K, 1, D]``, one
+        token per block, which both mergers accept: by element count (``masked_scatter``) and by
+        blocks of the tensor's second dimension (SmolVLM, whatever each sample kept)."""
+        return flat[:, None] if isinstance(like, torch.Tensor) else [flat]
 
     def image_sizes_per_item(self, pooler_output) -> list:
         """Tokens per item of the pooler container (image, or sample for Idefics3)."""

@@ -26,7 +26,6 @@ class Gemma3Adapter(ModelAdapter):
     """
 
     model_types = ("gemma3",)
-    pooler_is_tensor = True
     supports_mean_attention = True
 
     def token_layout(self, pooler_output, record) -> TokenLayout:

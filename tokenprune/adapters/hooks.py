@@ -781,7 +781,7 @@ class PruneSession:
         run.llm_len = Lp
         run.llm_mask = new_mask
         mm = dict(new["mm_encoder_outputs"])
-        mm["image"] = BaseModelOutputWithPooling(pooler_output=ad.make_pooler(kept_flat))
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=ad.make_pooler(kept_flat, out.pooler_output))
         new["mm_encoder_outputs"] = mm
         if self._compact_note and stage.positions == "compact":
             self.report.note(self._compact_note)

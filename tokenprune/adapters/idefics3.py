@@ -11,7 +11,9 @@ class Idefics3Adapter(ModelAdapter):
     """Idefics3 (``Idefics3ForConditionalGeneration``; SigLIP-style tower, pixel shuffle, Llama).
 
     The decoder stack is ``model.model.text_model``. Features come as one tensor per *sample* holding
-    every tile of its images (row-major tiles, then the downscaled global image), each tile a
+    every tile of its images (transformers 5.23; earlier versions give one ``[tiles, tokens, D]``
+    tensor over the batch, regrouped by sample, see :meth:`image_sizes_per_item`) (row-major tiles,
+    then the downscaled global image), each tile a
     ``side x side`` grid after the pixel shuffle (7 x 7 for 224 px tiles, 16 px patches, scale 2).
     ``coords`` are ``(0, tile, row, col)`` with ``tile`` counted over the sample (the image index is
     not recoverable from the features alone). The tile and row/col marker tokens of the prompt
@@ -29,8 +31,21 @@ class Idefics3Adapter(ModelAdapter):
         scale = int(getattr(self.config, "scale_factor", 1))
         return (vc.image_size // vc.patch_size) ** 2 // (scale * scale)
 
+    def image_sizes_per_item(self, pooler_output, record=None) -> list:
+        """Tokens per *sample*. transformers 5.23 returns one tensor per sample; earlier versions one
+        ``[tiles, tokens, D]`` tensor over the batch, regrouped here by the sample's real (not all-zero)
+        images in ``pixel_values``, the rule the model itself uses to drop padding images."""
+        sizes = super().image_sizes_per_item(pooler_output)
+        pv = None if record is None else record.kwargs.get("pixel_values")
+        if not isinstance(pooler_output, torch.Tensor) or pooler_output.dim() != 3 or pv is None or pv.dim() != 5:
+            return sizes
+        tiles = (pv != 0).flatten(2).any(-1).sum(1).tolist()
+        if sum(tiles) != len(sizes):
+            return [sum(sizes)]
+        return [n * pooler_output.shape[1] for n in tiles]
+
     def token_layout(self, pooler_output, record) -> TokenLayout:
-        sizes = self.image_sizes_per_item(pooler_output)
+        sizes = self.image_sizes_per_item(pooler_output, record)
         per = self.tokens_per_tile()
         side = square_side(per)
         coords, grids = [], []
