@@ -18,7 +18,14 @@ NEW = 4  # generated tokens
 
 
 def tiny(family):
-    return shared_tiny_vlm(family, small=True, num_layers=4)
+    t = shared_tiny_vlm(family, small=True, num_layers=4)
+    if family == "smolvlm":
+        ad = get_model_adapter(t.model)
+        block = ad.merger_block()
+        if block and ad.tokens_per_tile() % block:
+            pytest.skip(f"this transformers' SmolVLM merges image features in blocks of {block} tokens per sample; "
+                        f"the tiny model has {ad.tokens_per_tile()} per tile, so it cannot run even unpruned")
+    return t
 
 
 def first_relevance(family):
@@ -481,6 +488,21 @@ def test_idefics3_per_tile_features_are_regrouped_by_sample():
     assert ad.image_sizes_per_item([torch.randn(2 * per, 4), torch.randn(3 * per, 4)]) == [2 * per, 3 * per]
     flat = torch.randn(7, 4)
     assert ad.make_pooler(flat, pooler).shape == (7, 1, 4) and isinstance(ad.make_pooler(flat, [pooler]), list)
+
+
+def test_smolvlm_block_merger_versions_refuse_uneven_counts(monkeypatch):
+    """transformers 5.20.1-5.20.2 merge SmolVLM features in blocks of patch_size tokens per sample: a
+    before-LLM stage keeping another count is refused with a StageError naming the version."""
+    from tokenprune.adapters.idefics3 import SmolVLMAdapter
+
+    ad = get_model_adapter(shared_tiny_vlm("smolvlm", small=True, num_layers=4).model)
+    assert isinstance(ad, SmolVLMAdapter)
+    monkeypatch.setattr(SmolVLMAdapter, "merger_block", lambda self: 16)
+    ad.check_pre_llm([32, 64])
+    with pytest.raises(tp.StageError, match="blocks of 16 tokens.*kept 20"):
+        ad.check_pre_llm([32, 20])
+    monkeypatch.setattr(SmolVLMAdapter, "merger_block", lambda self: None)
+    ad.check_pre_llm([7, 20])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -344,6 +344,10 @@ class ModelAdapter:
         return rot(hidden, position_ids)
 
     # -- checks ---------------------------------------------------------------------------------
+    def check_pre_llm(self, kept: list) -> None:
+        """Raise if the model cannot take the image tokens a before-LLM stage kept, ``kept[b]`` per
+        sample (default: always works)."""
+
     def check_in_llm_prefill(self, seq_len: int) -> None:
         """Raise if in-LLM pruning cannot work for a prompt of ``seq_len`` tokens (default: always works)."""
 

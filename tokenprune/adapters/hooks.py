@@ -712,6 +712,7 @@ class PruneSession:
         relevance, text_emb, text_mask = self._pre_signals(stage, run, ids, img, feats, kw)
         keep_vis, repl = self._select(run, index, stage, feats, relevance, text_emb, text_mask, None)
 
+        ad.check_pre_llm(_as_list(keep_vis.sum(1)))
         keep_tok = ~img
         keep_tok = keep_tok.clone()
         for b in range(B):

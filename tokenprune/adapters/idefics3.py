@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import StageError
 from .base import ModelAdapter, TokenLayout, raster_coords, square_side, unknown_coords
 
 
@@ -72,6 +73,30 @@ class Idefics3Adapter(ModelAdapter):
 
 
 class SmolVLMAdapter(Idefics3Adapter):
-    """SmolVLM (``SmolVLMForConditionalGeneration``); as :class:`Idefics3Adapter`."""
+    """SmolVLM (``SmolVLMForConditionalGeneration``); as :class:`Idefics3Adapter`.
+
+    transformers 5.20.1 and 5.20.2 merge image features in blocks of the vision tower's
+    ``patch_size`` (16) tokens, so each sample's image tokens must be a multiple of it (the released
+    models' 64 tokens per tile are); there a before-LLM stage that keeps another count raises
+    :class:`~tokenprune.StageError`. 5.20.0 and 5.21 or later take any count.
+    """
 
     model_types = ("smolvlm",)
+
+    def merger_block(self) -> int | None:
+        """The block size the installed transformers' SmolVLM merger needs, or ``None`` if any count works."""
+        import transformers
+        from packaging.version import Version
+
+        v = Version(transformers.__version__)
+        return int(self.vision_config.patch_size) if Version("5.20.1") <= v < Version("5.21") else None
+
+    def check_pre_llm(self, kept: list) -> None:
+        block = self.merger_block()
+        bad = [n for n in kept if block and n % block]
+        if bad:
+            import transformers
+
+            raise StageError(f"transformers {transformers.__version__} merges SmolVLM image features in blocks of "
+                             f"{block} tokens per sample, and a before-LLM stage kept {bad[0]}; use a budget that "
+                             f"is a multiple of {block}, or transformers 5.20.0 or >= 5.21")
