@@ -400,9 +400,33 @@ def test_window_topk_matches_brute_force():
             want += top
     assert sel.indices[0].tolist() == sorted(want)
     assert sel.gains[0].tolist() == sorted(sel.gains[0].tolist(), reverse=True)  # order: best first
-    # 7 tokens over 6 equal windows: one window (the lowest) gets the extra token
+    # 7 tokens over 6 equal windows: the extra token goes to the window with the best second token
     sel = WindowTopK(windows=(2, 3)).select(Relevance(), ctx, 7)
-    assert sel.k == 7
+    assert sel.indices[0].tolist() == _window_brute_force(r[0], _windows_of(6, 6, 2, 3), 7)
+    # 4 tokens over 6 windows: the four windows with the best tokens, wherever they are
+    sel = WindowTopK(windows=(2, 3)).select(Relevance(), ctx, 4)
+    best = sorted(_windows_of(6, 6, 2, 3), key=lambda w: -max(float(r[0, i]) for i in w))[:4]
+    assert sel.indices[0].tolist() == sorted(max(w, key=lambda i: float(r[0, i])) for w in best)
+
+
+def _windows_of(rows, cols, wr, wc):
+    """Token indices of each window of an evenly divisible ``rows x cols`` grid, in raster order."""
+    h, w = rows // wr, cols // wc
+    return [[(a * h + y) * cols + b * w + x for y in range(h) for x in range(w)] for a in range(wr) for b in range(wc)]
+
+
+def _window_brute_force(score, windows, k):
+    """Windowed top-k by its definition: largest-remainder seats, equal remainders to the window whose
+    next token scores highest, then the lower window; each window keeps its best tokens."""
+    n = sum(len(w) for w in windows)
+    ranked = [sorted(w, key=lambda i: (-float(score[i]), i)) for w in windows]
+    quota = [k * len(w) // n for w in windows]
+    def nxt(j):
+        return float(score[ranked[j][quota[j]]]) if quota[j] < len(ranked[j]) else float("-inf")
+    seats = sorted(range(len(windows)), key=lambda j: (-(k * len(windows[j]) % n), -nxt(j), j))
+    for j in seats[: k - sum(quota)]:
+        quota[j] += 1
+    return sorted(i for j in range(len(windows)) for i in ranked[j][: quota[j]])
 
 
 def _two_grids(perm_seed=0):
@@ -456,12 +480,7 @@ def test_window_topk_over_several_grids_matches_per_window_brute_force():
         return [idx[y * cols + xx] for y in range(y0, y1) for xx in range(x0, x1)]
     wins = [window(ia, 4, 4, y0, y0 + 2, x0, x0 + 2) for y0 in (0, 2) for x0 in (0, 2)]
     wins += [window(ib, 3, 5, y0, y1, x0, x1) for y0, y1 in ((0, 2), (2, 3)) for x0, x1 in ((0, 3), (3, 5))]
-    sizes = [len(w) for w in wins]
-    quota = [14 * n // 31 for n in sizes]
-    for i in sorted(range(len(sizes)), key=lambda i: (-(14 * sizes[i] % 31), i))[: 14 - sum(quota)]:
-        quota[i] += 1
-    want = sorted(i for w, q in zip(wins, quota) for i in sorted(w, key=lambda i: (-float(r[0, i]), i))[:q])
-    assert sel.indices[0].tolist() == want
+    assert sel.indices[0].tolist() == _window_brute_force(r[0], wins, 14)
 
 
 def test_spatial_selectors_need_coordinates_for_every_candidate():

@@ -277,8 +277,10 @@ class WindowTopK(Selector):
 
     The grid is partitioned into ``windows`` near-equal windows (as in :class:`Pooling`); the budget
     ``k`` is spread over them in proportion to their valid tokens (equal shares for equal windows;
-    largest-remainder rounding, ties to the lower window), and each window keeps its top tokens by
-    the objective's gains on the empty set (e.g. FastV's attention). Ties go to the lower index.
+    largest-remainder rounding, equal remainders going to the windows whose next token scores
+    highest, then to the lower window, so a budget below the number of windows goes to the windows
+    with the best tokens wherever they are), and each window keeps its top tokens by the objective's
+    gains on the empty set (e.g. FastV's attention). Ties go to the lower index.
 
     Parameters
     ----------
@@ -344,21 +346,26 @@ class WindowTopK(Selector):
             kk = k.to(device)
             n = mask.sum(1)
             nw = torch.zeros(B, W + 1, dtype=torch.long, device=device).scatter_add_(1, wid, mask.long())[:, :W]
-            # largest-remainder apportionment of k over windows, proportional to their valid tokens
-            prod = kk[:, None] * nw
-            quota, rem = prod // n[:, None], prod % n[:, None]
-            left = kk - quota.sum(1)
-            rank = torch.empty_like(rem)
-            rank.scatter_(1, (-rem).argsort(dim=1, stable=True), torch.arange(W, device=device).expand(B, W))
-            quota = quota + (rank < left[:, None]).long()
-            # rank of each token inside its window by decreasing score (stable: lower index first)
+            # tokens grouped by window, best first (stable sorts: ties to the lower index)
             key = score.masked_fill(~mask, float("-inf"))
             by_score = key.argsort(dim=1, descending=True, stable=True)
             wsorted = torch.where(mask, wid, W).gather(1, by_score)
             by_win = wsorted.argsort(dim=1, stable=True)
-            perm = by_score.gather(1, by_win)  # tokens grouped by window, best first
+            perm = by_score.gather(1, by_win)
             wp = wsorted.gather(1, by_win)
             start = torch.cumsum(nw, 1) - nw
+            # largest-remainder apportionment of k over windows, proportional to their valid tokens; equal
+            # remainders go to the window whose next token (the one the extra seat would add) scores higher
+            prod = kk[:, None] * nw
+            quota, rem = prod // n[:, None], prod % n[:, None]
+            left = kk - quota.sum(1)
+            nxt = (start + quota).clamp_max(N - 1)
+            nxt_score = key.gather(1, perm.gather(1, nxt)).masked_fill(quota >= nw, float("-inf"))
+            by_next = (-nxt_score).argsort(dim=1, stable=True)
+            seats = by_next.gather(1, (-rem).gather(1, by_next).argsort(dim=1, stable=True))
+            rank = torch.empty_like(rem)
+            rank.scatter_(1, seats, torch.arange(W, device=device).expand(B, W))
+            quota = quota + (rank < left[:, None]).long()
             pos = torch.arange(N, device=device).expand(B, N)
             wclip = wp.clamp_max(W - 1)
             keep_sorted = (wp < W) & (pos - start.gather(1, wclip) < quota.gather(1, wclip))
