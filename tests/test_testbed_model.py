@@ -108,4 +108,3 @@ def test_reset_language_model_keeps_the_vision_side_and_leaves_the_original_alon
     assert language and not any(torch.equal(after[k], before[k]) for k in language)
     pv = _pixels()
     assert torch.equal(_image_features(fresh, pv), _image_features(model, pv))
-

@@ -119,7 +119,6 @@ def test_batches_mark_the_side_word_and_shape_of_each_spatial_question():
         assert 0 < int(batch["answer_pos"][i, j] - batch["side_pos"][i, j]) < T.MAX_Q_LEN
 
 
-
 def test_freeze_vision_trains_only_the_language_model(tiny_init, tmp_path):
     out = tmp_path / "frozen"
     T.main(["--init", str(tiny_init), "--freeze-vision", "--precision", "fp32", "--feature-layers", "-1",

@@ -85,18 +85,23 @@ class SmolVLMAdapter(Idefics3Adapter):
 
     def merger_block(self) -> int | None:
         """The block size the installed transformers' SmolVLM merger needs, or ``None`` if any count works."""
-        import transformers
         from packaging.version import Version
 
-        v = Version(transformers.__version__)
+        v = Version(_transformers_version())
         return int(self.vision_config.patch_size) if Version("5.20.1") <= v < Version("5.21") else None
 
     def check_pre_llm(self, kept: list) -> None:
         block = self.merger_block()
-        bad = [n for n in kept if block and n % block]
+        if block is None:
+            return
+        bad = [n for n in kept if n % block]
         if bad:
-            import transformers
-
-            raise StageError(f"transformers {transformers.__version__} merges SmolVLM image features in blocks of "
+            raise StageError(f"transformers {_transformers_version()} merges SmolVLM image features in blocks of "
                              f"{block} tokens per sample, and a before-LLM stage kept {bad[0]}; use a budget that "
                              f"is a multiple of {block}, or transformers 5.20.0 or >= 5.21")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

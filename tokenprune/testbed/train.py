@@ -383,7 +383,7 @@ def main(argv=None):
     aux = [p for head in (cls_head, patch_head, position_head, side_head) for p in head.parameters()]
     opt = torch.optim.AdamW([
         {"params": other, "mult": 1.0},
-        {"params": list(tower.parameters()), "mult": 0.5},  # frozen: requires_grad off, no gradients
+        {"params": list(tower.parameters()), "mult": 0.5},  # --freeze-vision: no gradients, AdamW skips them
         {"params": aux, "mult": 0.5},
     ], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     all_params = [p for g in opt.param_groups for p in g["params"]]
