@@ -8,8 +8,9 @@ import torch
 pytest.importorskip("transformers")
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.adapters import attention as tp_attention  # noqa: E402
-from tokenprune.adapters import get_model_adapter, prune  # noqa: E402
+from tokenprune.runtime import attention as tp_attention  # noqa: E402
+from tokenprune.adapters import get_model_adapter
+from tokenprune.runtime import prune  # noqa: E402
 from tokenprune.criteria import Coverage, Relevance  # noqa: E402
 from tokenprune.methods.compose import PruningMethod, Stage  # noqa: E402
 from tokenprune.testing.tiny_models import FAMILIES, shared_tiny_vlm  # noqa: E402

@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tokenprune.adapters import get_model_adapter, prune  # noqa: E402
+from tokenprune.adapters import get_model_adapter
+from tokenprune.runtime import prune  # noqa: E402
 from tokenprune.criteria import Relevance  # noqa: E402
 from tokenprune.methods.compose import PruningMethod, Stage  # noqa: E402
 from tokenprune.testing.tiny_models import shared_tiny_vlm  # noqa: E402

@@ -57,7 +57,7 @@ def test_random_recall_matches_kept_patches(setup):
     """Recall is computed from the adapter's (row, col) coordinates: check against its kept indices."""
     import torch
 
-    from tokenprune.adapters import prune
+    from tokenprune.runtime import prune
 
     model, proc, exs = setup
     ev = Evaluator(model, proc, exs[:4], batch_size=4, progress=False)

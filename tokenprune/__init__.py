@@ -20,7 +20,8 @@ from . import methods  # noqa: F401
 from .api import (from_config, get_adapter, get_criterion, get_method, get_selector, list_adapters, list_criteria,
                   list_methods, list_selectors, register_adapter, register_criterion, register_method,
                   register_selector, resolve_method, select)
-from .adapters import PruneReport, prune  # noqa: E402  (registers the built-in adapters; no transformers import)
+from . import adapters  # noqa: E402,F401  (registers the built-in adapters; no transformers import)
+from .runtime import PruneReport, prune  # noqa: E402
 
 __all__ = [
     "__version__", "Budget", "TokenContext", "make_context", "Selection", "Criterion", "ModularCriterion", "Tags",

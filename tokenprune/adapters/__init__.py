@@ -21,13 +21,12 @@ Importing this package does not import transformers.
 
 from ..registry import adapters as _registry
 from .base import ModelAdapter, TokenLayout, VisionRecord
-from .hooks import PruneSession, get_model_adapter, prune
+from .lookup import get_model_adapter
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
-from .report import PruneReport, StageReport
 
 _BUILTINS = {
     "llava": LlavaAdapter,
@@ -44,6 +43,5 @@ for _name, _cls in _BUILTINS.items():
     if _name not in _registry._entries:
         _registry.register(_name, _cls)
 
-__all__ = ["ModelAdapter", "TokenLayout", "VisionRecord", "PruneSession", "PruneReport", "StageReport", "prune",
-           "get_model_adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2VLAdapter",
+__all__ = ["ModelAdapter", "TokenLayout", "VisionRecord", "get_model_adapter", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2VLAdapter",
            "Qwen2_5_VLAdapter", "Idefics3Adapter", "SmolVLMAdapter", "Gemma3Adapter"]

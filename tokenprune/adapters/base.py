@@ -1,6 +1,6 @@
 """The model adapter contract: only what differs between VLM families.
 
-The pruning mechanism itself (:mod:`tokenprune.adapters.hooks`) is generic: it finds the visual
+The pruning mechanism itself (:mod:`tokenprune.runtime`) is generic: it finds the visual
 tokens from ``input_ids``, calls ``get_image_features`` (or takes what ``generate`` precomputed),
 feeds the selected rows back through ``mm_encoder_outputs`` and gathers hidden states, rotary
 embeddings and masks in decoder-layer pre-hooks. An adapter tells it, for one family, where the

@@ -319,7 +319,7 @@ class Evaluator:
         if method is None:
             yield None
             return
-        from ..adapters import prune
+        from ..runtime import prune
 
         with prune(self.model, method, seed=self._seed) as report:
             yield report
@@ -459,7 +459,7 @@ def _patch_indices(stage, sample: int, grid) -> np.ndarray:
 
 
 def summarize_report(report, batch_size, n_image_tokens, grid):
-    """Normalise a :class:`~tokenprune.adapters.PruneReport` for the tables.
+    """Normalise a :class:`~tokenprune.runtime.PruneReport` for the tables.
 
     Parameters
     ----------

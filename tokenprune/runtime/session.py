@@ -13,7 +13,7 @@ How one prompt flows (``model(...)`` or ``model.generate(...)``):
    prefill, the hidden states (at the stage's layer), the rotary ``(cos, sin)``, ``position_ids`` and
    the 4-D mask, so later layers write only the kept keys and values into the cache. Relevance for
    a stage at layer ``k`` comes from an attention wrapper on layer ``k - 1``
-   (:mod:`tokenprune.adapters.attention`), which keeps SDPA running.
+   (:mod:`tokenprune.runtime.attention`), which keeps SDPA running.
 3. During decoding, the top-level pre-hook maps ``generate``'s full-length 2-D mask and positions onto
    the pruned prefix, and the layer pre-hooks gather the prefix columns of a materialised 4-D mask.
 4. Leaving the context removes every hook, the attention-name switch and the ``get_image_features``
@@ -38,52 +38,15 @@ import torch
 
 from ..context import make_context
 from ..errors import ShapeError, StageError, TokenPruneError, UnsupportedModelError
+from ..adapters import get_model_adapter
+from ..adapters.base import VisionRecord
 from . import attention as attn
-from .base import ModelAdapter, VisionRecord
 from .report import PruneReport, StageReport, _as_list
 
 NEWLINE_POLICIES = ("keep", "drop", "select")
 CLS_FALLBACKS = (None, "text_similarity", "mean_attention")
 _ACTIVE: "weakref.WeakSet" = weakref.WeakSet()
 _PREFILL, _DECODE = "prefill", "decode"
-
-
-# ----------------------------------------------------------------------------------------------------
-# adapter resolution
-# ----------------------------------------------------------------------------------------------------
-def get_model_adapter(model, adapter=None) -> ModelAdapter:
-    """The adapter instance for ``model``.
-
-    Parameters
-    ----------
-    model : transformers.PreTrainedModel
-        The VLM.
-    adapter : ModelAdapter, type, str or None
-        An adapter instance, an adapter class, a registered adapter name, or ``None`` to pick by
-        ``model.config.model_type``.
-
-    Raises
-    ------
-    UnsupportedModelError
-        No adapter is registered for the model type (the message lists the supported types).
-    """
-    from .. import registry
-
-    if isinstance(adapter, ModelAdapter):
-        return adapter
-    if isinstance(adapter, type) and issubclass(adapter, ModelAdapter):
-        return adapter(model)
-    if isinstance(adapter, str):
-        return registry.adapters.get(adapter)(model)
-    if adapter is not None:
-        raise UnsupportedModelError(f"adapter must be a ModelAdapter, a subclass or a registered name, "
-                                    f"got {type(adapter).__name__}")
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt is None or mt not in registry.adapters:
-        raise UnsupportedModelError(
-            f"no tokenprune adapter for model type {mt!r} ({type(model).__name__}); supported model types: "
-            f"{', '.join(registry.adapters.list())}. Pass adapter=... (a ModelAdapter subclass) for another family.")
-    return registry.adapters.get(mt)(model)
 
 
 # ----------------------------------------------------------------------------------------------------
