@@ -92,7 +92,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.runtime import session as _hooks  # noqa: E402
+from tokenprune.runtime import stage_select as _selection_timer  # noqa: E402
 from tokenprune.testing.tiny_models import make_tokenizer, sample_images  # noqa: E402
 
 QUESTION = "What is shown in this image? Answer in one short sentence."
@@ -321,19 +321,19 @@ def run_once(b: Bench, cfg: Config, device: str, decode_tokens: int, record: boo
 def _selection_clock(clock: str):
     """With ``clock="cpu"``, make ``PruneReport.select_ms`` thread CPU time instead of wall time.
 
-    The adapter times each selection with ``time.perf_counter`` (module ``tokenprune.runtime.session``);
+    The adapter times each selection with ``time.perf_counter`` (module ``tokenprune.runtime.stage_select``);
     for the duration of the block that module sees ``time.thread_time`` instead, so the selection time
     and the prefill time it is compared with come from the same clock. Restored on exit.
     """
     if clock != "cpu":
         yield
         return
-    saved = _hooks.time
-    _hooks.time = types.SimpleNamespace(perf_counter=time.thread_time)
+    saved = _selection_timer.time
+    _selection_timer.time = types.SimpleNamespace(perf_counter=time.thread_time)
     try:
         yield
     finally:
-        _hooks.time = saved
+        _selection_timer.time = saved
 
 
 def make_configs(methods, budgets, with_single: bool) -> list:

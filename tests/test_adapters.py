@@ -13,7 +13,7 @@ from tokenprune.adapters import get_model_adapter
 from tokenprune.runtime import prune  # noqa: E402
 from tokenprune.criteria import Coverage, Relevance  # noqa: E402
 from tokenprune.methods.compose import PruningMethod, Stage  # noqa: E402
-from tokenprune.testing.tiny_models import FAMILIES, shared_tiny_vlm  # noqa: E402
+from tokenprune.testing.tiny_models import MODEL_FAMILIES as FAMILIES, shared_tiny_vlm  # noqa: E402
 
 NEW = 4  # generated tokens
 

@@ -47,7 +47,7 @@ def test_select_tops_on_llava_sized_inputs():
 def test_select_accepts_names_methods_and_configs():
     ctx = example_context()
     by_name = tp.select("facility_location", ctx.features, budget=3, mask=ctx.mask)
-    method = tp.get_method("facility_location")
+    method = tp.create_method("facility_location")
     by_method = tp.select(method, ctx.features, budget=3, mask=ctx.mask)
     by_config = tp.select(json.loads(json.dumps(method.to_config())), ctx.features, budget=3, mask=ctx.mask)
     assert torch.equal(by_name.indices, by_method.indices) and torch.equal(by_name.indices, by_config.indices)
@@ -62,7 +62,7 @@ def test_select_single_sample_and_fraction():
 
 def test_select_stage_argument_and_stage_budget_default():
     ctx = example_context(rows=6, cols=6, padding=False, batch=1)
-    m = tp.get_method("pyramiddrop")
+    m = tp.create_method("pyramiddrop")
     full = m.select(ctx.features, relevance=ctx.relevance)
     assert full.counts.tolist() == [18]  # the stage's own budget: half of 36
     assert m.select(ctx.features, relevance=ctx.relevance, stage=2, budget=4).counts.tolist() == [4]
@@ -80,15 +80,15 @@ def test_unknown_method_suggests_close_names():
         tp.select("fastvv", torch.randn(1, 4, 2), budget=2)
     assert isinstance(exc.value, KeyError) and "fastv" in exc.value.suggestions
     with pytest.raises(UnknownNameError, match="divprune"):
-        tp.get_method("div_prune")
+        tp.create_method("div_prune")
 
 
 def test_get_method_checks_parameters_and_records_them():
-    m = tp.get_method("scope", budget=32, alpha=0.5)
+    m = tp.create_method("scope", budget=32, alpha=0.5)
     assert m.name == "scope" and m.params == {"budget": 32, "alpha": 0.5}
     assert m.stages[0].objective.alpha == 0.5
     with pytest.raises(TypeError, match="lambda_"):
-        tp.get_method("scope", lambda_=1.0)
+        tp.create_method("scope", lambda_=1.0)
 
 
 def test_resolve_method_and_from_config_errors():
@@ -98,11 +98,11 @@ def test_resolve_method_and_from_config_errors():
         tp.from_config([1, 2])
     with pytest.raises(ConfigError):
         tp.from_config({"name": "x"})
-    cfg = tp.get_method("fastv").to_config()
+    cfg = tp.create_method("fastv").to_config()
     cfg["stages"][0]["unexpected"] = 1
     with pytest.raises(ConfigError, match="unexpected"):
         tp.from_config(cfg)
-    cfg = tp.get_method("fastv").to_config()
+    cfg = tp.create_method("fastv").to_config()
     cfg["stages"][0]["objective"] = {"name": "relevance", "params": {"sauce": "given"}}
     with pytest.raises(ConfigError):
         tp.from_config(cfg)
@@ -112,7 +112,7 @@ def test_factory_must_return_a_method():
     tp.register_method("test_not_a_method", lambda budget=1: "nope")
     try:
         with pytest.raises(IncompatibleComponentsError):
-            tp.get_method("test_not_a_method")
+            tp.create_method("test_not_a_method")
     finally:
         tp.registry.methods.unregister("test_not_a_method")
 
@@ -129,7 +129,7 @@ NON_DEFAULT = {"tops": dict(budget=32, coverage_weight=1.0, normalize="mean", sc
 def test_method_config_json_round_trip(name):
     ctx = example_context()
     for params in ({}, NON_DEFAULT.get(name, {})):
-        m = tp.get_method(name, **params)
+        m = tp.create_method(name, **params)
         text = json.dumps(m.to_config())
         back = tp.from_config(json.loads(text))
         assert back == m and back.name == name
@@ -143,7 +143,7 @@ def test_method_config_json_round_trip(name):
 
 @pytest.mark.parametrize("name", tp.list_methods())
 def test_with_budget_keeps_the_other_parameters(name):
-    m = tp.get_method(name, **NON_DEFAULT.get(name, {}))
+    m = tp.create_method(name, **NON_DEFAULT.get(name, {}))
     m2 = m.with_budget(7)
     assert m2.name == name and len(m2.stages) == len(m.stages)
     assert [type(s.objective) for s in m2.stages] == [type(s.objective) for s in m.stages]
@@ -189,3 +189,9 @@ def test_selection_helpers():
     pre = sel.prefix(2)
     assert pre.counts.tolist() == [2, 2, 2]
     assert torch.equal(pre.indices, tp.select("facility_location", ctx.features, budget=2, mask=ctx.mask).indices)
+
+
+def test_get_method_is_a_deprecated_alias_of_create_method():
+    with pytest.warns(DeprecationWarning, match="create_method"):
+        old = tp.get_method("fastv", budget=32)
+    assert old == tp.create_method("fastv", budget=32)

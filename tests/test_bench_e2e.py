@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tokenprune as tp
-from tokenprune.runtime import session as hooks
+from tokenprune.runtime import stage_select as hooks
 
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")

@@ -51,14 +51,14 @@ def test_bad_budgets_raise_through_select_and_stages(bad):
     with pytest.raises(BudgetError):
         tp.select("random", x, budget=bad)
     with pytest.raises(BudgetError):
-        tp.get_method("fastv", budget=bad)
+        tp.create_method("fastv", budget=bad)
 
 
 def test_budget_none_means_the_stage_budget_in_select_but_is_invalid_in_a_stage():
     x = torch.randn(1, 80, 4)
     assert tp.select("random", x, budget=None).counts.tolist() == [64]
     with pytest.raises(BudgetError, match="required"):
-        tp.get_method("fastv", budget=None)
+        tp.create_method("fastv", budget=None)
 
 
 @given(f=st.floats(min_value=1e-6, max_value=1.0), n=st.integers(1, 5000))
@@ -200,7 +200,7 @@ def test_low_and_high_precision_features_are_accepted(dtype):
 def test_missing_signals_name_the_signal(name, params, kw, signal):
     x = torch.randn(1, 10, 4)  # 10 tokens: not a square, so no grid can be guessed
     with pytest.raises(MissingSignalError, match=signal):
-        tp.get_method(name, **params).select(x, budget=3, **kw)
+        tp.create_method(name, **params).select(x, budget=3, **kw)
 
 
 def test_signal_free_methods_need_no_signal():

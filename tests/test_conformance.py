@@ -122,7 +122,7 @@ def test_selectors_match_their_reference(key):
 @pytest.mark.parametrize("check", ["config", "stages", "layers"])
 @pytest.mark.parametrize("name", METHODS)
 def test_registered_method(name, check):
-    dict(method_checks(tp.get_method(name)))[check]()
+    dict(method_checks(tp.create_method(name)))[check]()
 
 
 # -- hypothesis: the same properties on drawn contexts ---------------------------------------------------
@@ -148,7 +148,7 @@ def test_selector_output_on_drawn_contexts(name, ctx, budget, data):
 @pytest.mark.parametrize("name", METHODS)
 @given(ctx=tps.contexts(ties=True), budget=tps.budgets(40))
 def test_method_output_on_drawn_contexts(name, ctx, budget):
-    m = tp.get_method(name)
+    m = tp.create_method(name)
     sel = m.select(ctx.features, budget=budget, mask=ctx.mask, relevance=ctx.relevance,
                    text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask, grid=ctx.grid, seed=ctx.seed)
     check_selection(sel, ctx, budget, who=name, exact=getattr(m.stages[0].selector, "exact_budget", True))
@@ -374,6 +374,6 @@ def test_selector_checks_are_listed_by_name():
 
 
 @parametrize_with_checks([tp.criteria.Coverage(), (tp.selectors.TopK(), tp.criteria.Relevance()),
-                          tp.get_method("fastervlm")], prefix=True)
+                          tp.create_method("fastervlm")], prefix=True)
 def test_parametrize_with_checks(component, check):
     check()

@@ -10,7 +10,9 @@ import pytest
 from tokenprune.errors import BudgetError, DatasetError, ImageError, UnknownNameError
 from tokenprune.evaluation import (VQAExample, load_image, normalize_answer, read_vqa_jsonl, vqa_accuracy,
                                    write_vqa_jsonl)
-from tokenprune.evaluation.runner import DEFAULT_BUDGETS, budget_label, parse_budget, resolve_methods
+from tokenprune.budget import parse_budget
+from tokenprune.evaluation.runner import DEFAULT_BUDGETS, budget_label
+from tokenprune.evaluation.runner import validate_method_names as resolve_methods
 
 
 # -- VQA accuracy ---------------------------------------------------------------------------------

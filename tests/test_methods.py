@@ -16,7 +16,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.errors import BudgetError, ConfigError, StageError
-from tokenprune.methods.visionzip import split_budget
+from tokenprune.selectors.visionzip import split_budget
 
 BUILTIN_METHODS = [n for n in tp.list_methods() if tp.registry.methods.entry(n).source == "tokenprune"]
 EXPECTED = {"tops", "fastv", "reverse_fastv", "window_fastv", "pyramiddrop", "dart", "fastervlm", "visionzip",
@@ -215,7 +215,7 @@ def test_cdpruner_matches_naive_log_det_greedy(seed, k):
 @pytest.mark.parametrize("k", [1, 2, 5, 8])
 def test_tops_stage_one_matches_naive_tops(seed, k):
     x, r = _inputs(n=14, seed=seed)
-    m = tp.get_method("tops", stage1_weights=(0.3, 0.7), coverage_weight=1.0, diversity_weight=0.5)
+    m = tp.create_method("tops", stage1_weights=(0.3, 0.7), coverage_weight=1.0, diversity_weight=0.5)
     assert m.select(x, relevance=r, budget=k).indices[0].tolist() == naive_tops(x[0], r[0], k, 0.3, 0.7)
     # the in-LLM stages use the other weights
     assert m.select(x, relevance=r, budget=k, stage=1).indices[0].tolist() == naive_tops(x[0], r[0], k, 1.0, 0.5)
@@ -226,7 +226,7 @@ def test_tops_stage_one_matches_naive_tops(seed, k):
 def test_scope_matches_naive_saliency_weighted_coverage(seed, k):
     x, r = _inputs(seed=seed)
     assert tp.select("scope", x, relevance=r, budget=k).indices[0].tolist() == naive_scope(x[0], r[0], k)
-    m = tp.get_method("scope", alpha=2.0)
+    m = tp.create_method("scope", alpha=2.0)
     assert m.select(x, relevance=r, budget=k).indices[0].tolist() == naive_scope(x[0], r[0], k, alpha=2.0)
 
 
@@ -234,7 +234,7 @@ def test_scope_matches_naive_saliency_weighted_coverage(seed, k):
 @pytest.mark.parametrize("k, pivots", [(2, 4), (4, 4), (7, 4), (7, 1), (9, 3)])
 def test_dart_matches_naive_pivot_rule(seed, k, pivots):
     x, key_norm = _inputs(seed=seed)
-    m = tp.get_method("dart", num_pivots=pivots)
+    m = tp.create_method("dart", num_pivots=pivots)
     got = m.select(x, relevance=key_norm, budget=k).indices[0].tolist()
     assert got == naive_dart(x[0], key_norm[0].tolist(), k, pivots)
 
@@ -293,7 +293,7 @@ def test_pooling_averages_grid_blocks():
 
 def test_window_fastv_takes_the_top_of_each_window():
     x, r = _inputs(n=16, seed=6)
-    m = tp.get_method("window_fastv", windows=2)
+    m = tp.create_method("window_fastv", windows=2)
     blocks = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
     want = sorted(b[_topk([r[0, i].item() for i in b], 1)[0]] for b in blocks)
     assert m.select(x, relevance=r, budget=4, grid=(4, 4)).indices[0].tolist() == want
@@ -302,7 +302,7 @@ def test_window_fastv_takes_the_top_of_each_window():
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_pyramiddrop_stages_keep_half_by_attention(stage):
     x, r = _inputs(n=15, seed=7)
-    sel = tp.get_method("pyramiddrop").select(x, relevance=r, stage=stage)
+    sel = tp.create_method("pyramiddrop").select(x, relevance=r, stage=stage)
     assert sel.indices[0].tolist() == _topk(r[0].tolist(), 8)  # round(15 / 2), halves up
 
 
@@ -310,12 +310,12 @@ def test_random_is_seeded_sorted_and_uniform_enough():
     x, _ = _inputs(n=40)
     a = tp.select("random", x, budget=10)
     assert torch.equal(a.indices, tp.select("random", x, budget=10).indices)
-    b = tp.get_method("random", seed=1).select(x, budget=10)
+    b = tp.create_method("random", seed=1).select(x, budget=10)
     assert not torch.equal(a.indices, b.indices)
     assert torch.equal(tp.select("random", x, budget=10, seed=1).indices, b.indices)  # the context's seed
     counts = torch.zeros(40)
     for s in range(200):
-        counts[tp.get_method("random", seed=s).select(x, budget=10).indices[0]] += 1
+        counts[tp.create_method("random", seed=s).select(x, budget=10).indices[0]] += 1
     assert counts.min() > 0 and counts.max() < 100  # each token kept about 50 times in 200 draws
 
 
@@ -347,7 +347,7 @@ def test_catalog_is_complete():
 @pytest.mark.parametrize("T, want", [(64, [128, 64, 16]), (128, [256, 128, 32]), (32, [64, 32, 8]),
                                      (320, [640, 320, 80])])
 def test_tops_llava_schedule(T, want):
-    m = tp.get_method("tops", budget=T)
+    m = tp.create_method("tops", budget=T)
     assert _shape(m) == list(zip([None, 12, 24], want))
     assert [s.relevance for s in m.stages] == ["cls_attention", "text_attention", "text_attention"]
     assert all(s.positions == "compact" for s in m.stages)
@@ -359,13 +359,13 @@ def test_tops_llava_schedule(T, want):
 
 @pytest.mark.parametrize("T, want", [(256, [512, 281, 77]), (128, [256, 139, 39]), (100, [200, 110, 30])])
 def test_tops_qwen_schedule(T, want):
-    m = tp.get_method("tops", budget=T, schedule="qwen2_5_vl")
+    m = tp.create_method("tops", budget=T, schedule="qwen2_5_vl")
     assert _shape(m) == list(zip([None, 12, 16], want))
     assert [s.layer_for_depth(28) for s in m.stages] == [None, 12, 16]
 
 
 def test_tops_options_reach_the_stages():
-    m = tp.get_method("tops", budget=64, coverage_weight=1.0, diversity_weight=0.25, normalize="mean",
+    m = tp.create_method("tops", budget=64, coverage_weight=1.0, diversity_weight=0.25, normalize="mean",
                       stage1_weights=(0.4, 0.6), raters="all_text_mean", positions="preserve")
     o = [s.objective for s in m.stages]
     assert (o[0].coverage_weight, o[0].diversity_weight) == (0.4, 0.6)
@@ -374,16 +374,16 @@ def test_tops_options_reach_the_stages():
 
 
 def test_tops_single_and_explicit_schedules():
-    assert _shape(tp.get_method("tops", budget=50, schedule="single")) == [(None, 50)]
-    m = tp.get_method("tops", schedule=[(None, 300), (2, 150), (20, 0.5)], reference_depth=32)
+    assert _shape(tp.create_method("tops", budget=50, schedule="single")) == [(None, 50)]
+    m = tp.create_method("tops", schedule=[(None, 300), (2, 150), (20, 0.5)], reference_depth=32)
     assert _shape(m) == [(None, 300), (2, 150), (20, 0.5)]
     assert m.stages[1].reference_depth == 32 and m.stages[1].layer_for_depth(64) == 4
-    assert tp.get_method("tops", schedule=[[5, 10]]).stages[0].reference_depth is None  # JSON-style lists
+    assert tp.create_method("tops", schedule=[[5, 10]]).stages[0].reference_depth is None  # JSON-style lists
 
 
 @pytest.mark.parametrize("T, want", [(0.25, [0.5, 0.5, 0.25]), (0.75, [1.0, 0.75, 0.25]), (1.0, [1.0, 1.0, 0.25])])
 def test_tops_fraction_budgets_scale_and_cap(T, want):
-    m = tp.get_method("tops", budget=T)
+    m = tp.create_method("tops", budget=T)
     assert [s.budget.value for s in m.stages] == pytest.approx(want)
     # absolute counts on 576 tokens: 2T, T, T/4 of the visual tokens (capped at all of them)
     n, counts = 576, []
@@ -410,46 +410,46 @@ def test_tops_fraction_budgets_scale_and_cap(T, want):
 ])
 def test_tops_rejects_bad_parameters(kw, err):
     with pytest.raises(err):
-        tp.get_method("tops", **kw)
+        tp.create_method("tops", **kw)
 
 
 def test_tops_with_budget_rebuilds_the_schedule():
-    m = tp.get_method("tops", budget=64, coverage_weight=1.0).with_budget(128)
+    m = tp.create_method("tops", budget=64, coverage_weight=1.0).with_budget(128)
     assert _shape(m) == [(None, 256), (12, 128), (24, 32)]
     assert m.stages[1].objective.coverage_weight == 1.0
 
 
 def test_in_llm_methods_layers():
-    assert _shape(tp.get_method("fastv")) == [(2, 64)]
+    assert _shape(tp.create_method("fastv")) == [(2, 64)]
     for name in ("fastv", "reverse_fastv", "window_fastv", "dart"):
-        st = tp.get_method(name).stages[0]
+        st = tp.create_method(name).stages[0]
         assert st.layer_for_depth(80) == 2 and st.reference_depth is None  # K = 2 absolute
-    assert tp.get_method("dart").stages[0].relevance == "key_norm"
-    pd = tp.get_method("pyramiddrop")
+    assert tp.create_method("dart").stages[0].relevance == "key_norm"
+    pd = tp.create_method("pyramiddrop")
     assert _shape(pd) == [(8, 0.5), (16, 0.5), (24, 0.5)]
     assert [s.layer_for_depth(40) for s in pd.stages] == [10, 20, 30]
     assert all(s.relevance == "text_attention" and s.raters == "last_token" for s in pd.stages)
-    assert _shape(tp.get_method("pyramiddrop", budget=64, ratio=0.25)) == [(8, 64), (16, 0.25), (24, 0.25)]
+    assert _shape(tp.create_method("pyramiddrop", budget=64, ratio=0.25)) == [(8, 64), (16, 0.25), (24, 0.25)]
     with pytest.raises(ConfigError):
-        tp.get_method("pyramiddrop", ratio=2)
+        tp.create_method("pyramiddrop", ratio=2)
     with pytest.raises(StageError):
-        tp.get_method("pyramiddrop", layers=(16, 8))
+        tp.create_method("pyramiddrop", layers=(16, 8))
 
 
 @pytest.mark.parametrize("name", ["fastervlm", "visionzip", "divprune", "cdpruner", "facility_location", "scope",
                                   "random", "pooling"])
 def test_pre_llm_methods(name):
-    m = tp.get_method(name, budget=10)
+    m = tp.create_method(name, budget=10)
     assert _shape(m) == [(None, 10)]
 
 
 def test_signal_sources():
-    src = {n: tp.get_method(n).stages[0].relevance for n in EXPECTED}
+    src = {n: tp.create_method(n).stages[0].relevance for n in EXPECTED}
     assert src["fastervlm"] == src["visionzip"] == src["scope"] == src["tops"] == "cls_attention"
     assert src["fastv"] == src["reverse_fastv"] == src["window_fastv"] == src["pyramiddrop"] == "text_attention"
     assert src["cdpruner"] == "text_similarity"
     assert src["divprune"] is src["facility_location"] is src["random"] is src["pooling"] is None
-    assert tp.get_method("cdpruner", quality=None).stages[0].relevance is None
+    assert tp.create_method("cdpruner", quality=None).stages[0].relevance is None
 
 
 @pytest.mark.parametrize("name", BUILTIN_METHODS)
@@ -465,7 +465,7 @@ def test_method_docstrings_cite_the_paper(name):
 def test_budgets_and_fractions_work_for_every_method(name):
     x, r = _inputs(n=36, d=6, seed=11, batch=2)
     for budget in (5, 0.25):
-        m = tp.get_method(name)
+        m = tp.create_method(name)
         sel = m.select(x, relevance=r, budget=budget, grid=(6, 6), text_embeddings=torch.randn(2, 3, 6))
         want = tp.Budget(budget).resolve(36)
         if getattr(m.stages[0].selector, "exact_budget", True):

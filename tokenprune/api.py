@@ -1,71 +1,128 @@
-"""The public functional API: registries, ``get_method`` and ``select``."""
+"""The public functional API: a thin facade over the registries, the method builders and ``select``.
+
+Everything here is re-exported as ``tokenprune.<name>``. Following timm's convention,
+``get_criterion`` / ``get_selector`` / ``get_adapter`` return the registered *class*, and
+``create_criterion`` / ``create_selector`` / ``create_method`` build *instances*. ``get_method`` is a
+deprecated alias of :func:`create_method`. Code inside the package imports from the modules that
+define these (:mod:`tokenprune.methods.build`, :mod:`tokenprune.registry`), never from this facade.
+"""
 
 from __future__ import annotations
 
-import inspect
+import warnings
 
 from . import registry as _reg
-from .errors import ConfigError, IncompatibleComponentsError
+from .criteria.base import Criterion
+from .methods.build import accepted_parameters, create_method, method_factory, method_from_config, resolve_method
 from .methods.compose import PruningMethod
 from .selection import Selection
+from .selectors.base import Selector
+
+__all__ = ["select", "create_method", "get_method", "resolve_method", "from_config", "method_from_config",
+           "method_factory", "accepted_parameters", "register_method", "list_methods", "create_criterion",
+           "get_criterion", "list_criteria", "register_criterion", "create_selector", "get_selector",
+           "list_selectors", "register_selector", "get_adapter", "list_adapters", "register_adapter"]
 
 register_criterion, get_criterion, list_criteria = _reg.make_api(_reg.criteria)
 register_selector, get_selector, list_selectors = _reg.make_api(_reg.selectors)
 register_adapter, get_adapter, list_adapters = _reg.make_api(_reg.adapters)
-_register_method, _get_method_factory, list_methods = _reg.make_api(_reg.methods)
+_register_method, _, list_methods = _reg.make_api(_reg.methods)
+_get_method_factory = method_factory  # the former private name, kept for compatibility
+
+#: Rebuild a method from :meth:`PruningMethod.to_config` output (:func:`method_from_config`).
+from_config = method_from_config
 
 
 def register_method(name=None, factory=None, **kw):
     """Register a method factory: a callable ``(budget=..., **params) -> PruningMethod``.
 
-    Usable as a decorator, ``@register_method("my_method")``, or called directly. The registry
-    entry-point group is ``tokenprune.methods``.
+    Usable as a decorator, ``@register_method("my_method")``, or called directly; keywords
+    (``aliases``, ``overwrite``, ...) as :meth:`tokenprune.registry.Registry.register`. The
+    entry-point group for plugins is ``tokenprune.methods``.
+
+    Raises
+    ------
+    ValueError
+        The name is not lower-case snake case.
+    DuplicateNameError
+        The name is taken and ``overwrite`` is false.
     """
     return _register_method(name, factory, **kw)
 
 
-def get_method(name: str, **params) -> PruningMethod:
-    """Build the registered method ``name`` with ``params`` (``budget`` and method options).
+def create_criterion(name: str, **params) -> Criterion:
+    """An instance of the criterion registered as ``name``, built with ``params``.
+
+    Parameters
+    ----------
+    name : str
+        A registered criterion name or alias (:func:`list_criteria`).
+    **params
+        The criterion's constructor parameters.
+
+    Returns
+    -------
+    Criterion
 
     Raises
     ------
     UnknownNameError
-        No method of that name (the message suggests close names).
-    TypeError
-        A parameter the method does not take.
+        No criterion of that name.
+    TypeError, ValueError
+        Parameters the criterion does not take or rejects.
+
+    Examples
+    --------
+    >>> create_criterion("saliency_coverage", alpha=2.0).alpha
+    2.0
     """
-    factory = _get_method_factory(name)
-    sig = inspect.signature(factory)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    unknown = [k for k in params if k not in sig.parameters and not accepts_any]
-    if unknown:
-        raise TypeError(f"method {name!r} takes no parameter(s) {unknown}; it takes "
-                        f"{[p for p in sig.parameters]}")
-    method = factory(**params)
-    if not isinstance(method, PruningMethod):
-        raise IncompatibleComponentsError(f"method factory {name!r} returned {type(method).__name__}, "
-                                          "not a PruningMethod")
-    bound = {k: v for k, v in params.items()}
-    return PruningMethod(stages=method.stages, name=name, params=bound)
+    return _reg.criteria.create(name, **params)
 
 
-def from_config(cfg: dict) -> PruningMethod:
-    """Rebuild a method from :meth:`PruningMethod.to_config` output (raises :class:`ConfigError`)."""
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"a method config is a dict, got {type(cfg).__name__}")
-    return PruningMethod.from_config(cfg)
+def create_selector(name: str, **params) -> Selector:
+    """An instance of the selector registered as ``name``, built with ``params``.
+
+    Parameters
+    ----------
+    name : str
+        A registered selector name or alias (:func:`list_selectors`).
+    **params
+        The selector's constructor parameters.
+
+    Returns
+    -------
+    Selector
+
+    Raises
+    ------
+    UnknownNameError
+        No selector of that name.
+    TypeError, ValueError
+        Parameters the selector does not take or rejects.
+
+    Examples
+    --------
+    >>> create_selector("greedy", lazy=True).lazy
+    True
+    """
+    return _reg.selectors.create(name, **params)
 
 
-def resolve_method(method, **params) -> PruningMethod:
-    """A :class:`PruningMethod` from a method, a registered name, or a config dict."""
-    if isinstance(method, PruningMethod):
-        return method
-    if isinstance(method, str):
-        return get_method(method, **params)
-    if isinstance(method, dict):
-        return from_config(method)
-    raise IncompatibleComponentsError(f"expected a PruningMethod, a registered method name or a config dict, "
-                                      f"got {type(method).__name__}")
+def get_method(name: str, **params) -> PruningMethod:
+    """Deprecated alias of :func:`create_method` (emits :class:`DeprecationWarning`).
+
+    ``get_*`` functions return registered classes and ``create_*`` functions build instances;
+    ``get_method`` builds an instance, so it is renamed :func:`create_method`. Same parameters,
+    result and errors.
+
+    Raises
+    ------
+    UnknownNameError, IncompatibleComponentsError
+        As :func:`create_method`.
+    """
+    warnings.warn("tokenprune.get_method is deprecated; use tokenprune.create_method (same arguments)",
+                  DeprecationWarning, stacklevel=2)
+    return create_method(name, **params)
 
 
 def select(method, features, *, budget, relevance=None, mask=None, stage: int = 0, **signals) -> Selection:
@@ -97,6 +154,10 @@ def select(method, features, *, budget, relevance=None, mask=None, stage: int = 
     Raises
     ------
     BudgetError, ShapeError, InvalidFeaturesError, MissingSignalError, UnknownNameError
+
+    Notes
+    -----
+    The cost is the selector's (e.g. ``O(K N²)`` for greedy coverage, ``O(N log N)`` for top-k).
 
     Examples
     --------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,7 @@ class Budget:
 
     @property
     def is_fraction(self) -> bool:
+        """Whether the budget is a fraction kept (a float) rather than a count."""
         return isinstance(self.value, float)
 
     def resolve(self, n: int) -> int:
@@ -76,6 +78,7 @@ class Budget:
                             device=n_valid.device)
 
     def to_config(self):
+        """The plain value (``int`` or ``float``), for configs."""
         return self.value
 
 
@@ -84,3 +87,78 @@ def as_budget(value) -> Budget:
     if value is None:
         raise BudgetError("a budget is required: an int (tokens kept) or a float in (0, 1] (fraction kept)")
     return value if isinstance(value, Budget) else Budget(value)
+
+
+def round_count(x: float, minimum: int = 1) -> int:
+    """A token count from a real number: rounded to the nearest int (halves up), at least ``minimum``.
+
+    The one rounding rule of budgets: fractions of a token count (:meth:`Budget.resolve`), multiples
+    of a nominal budget (TOPS's schedules) and shares of a budget (VisionZip's contextual tokens).
+
+    Parameters
+    ----------
+    x : float
+        A finite, non-negative number of tokens.
+    minimum : int
+        The smallest count returned (default 1: a budget never keeps nothing).
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> round_count(2.5), round_count(0.2), round_count(0.2, minimum=0)
+    (3, 1, 0)
+    """
+    return max(minimum, math.floor(x + 0.5))
+
+
+_INT = re.compile(r"^[+]?\d+$")
+
+
+def parse_budget(value):
+    """Parse a budget given as text (the command line) or a number.
+
+    Parameters
+    ----------
+    value : str, int or float
+        A count (``"64"``: tokens kept), a fraction kept (``"0.25"``), or a percentage kept
+        (``"25%"``).
+
+    Returns
+    -------
+    int or float
+        An int >= 1 or a float in (0, 1], a valid :class:`Budget` value.
+
+    Raises
+    ------
+    BudgetError
+        Anything else (text, zero, negative numbers, fractions above 1, percentages above 100).
+
+    Examples
+    --------
+    >>> parse_budget("64"), parse_budget("0.25"), parse_budget("12.5%")
+    (64, 0.25, 0.125)
+    """
+    if isinstance(value, bool):
+        raise BudgetError(f"budget {value!r} is not a count (int >= 1) or a fraction (float in (0, 1])")
+    if isinstance(value, (int, float)):
+        return Budget(value).value
+    s = str(value).strip()
+    try:
+        if s.endswith("%"):
+            v = float(s[:-1]) / 100.0
+            if not math.isfinite(v) or not 0.0 < v <= 1.0:
+                raise ValueError
+            return Budget(v).value
+        if _INT.match(s):
+            return Budget(int(s)).value
+        v = float(s)
+    except (ValueError, BudgetError):
+        raise BudgetError(f"budget {value!r} is not a count (an int >= 1, tokens kept) or a fraction kept "
+                          f"(a float in (0, 1], or a percentage such as '25%')") from None
+    try:
+        return Budget(v).value
+    except BudgetError as e:
+        raise BudgetError(f"budget {value!r}: {e}") from None

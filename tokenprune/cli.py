@@ -31,10 +31,12 @@ DEFAULT_PLOT = "tokenprune_eval.png"
 
 
 def _csv(text):
+    """Comma-separated values, stripped, empty ones dropped."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tokenprune`` argument parser with its subcommands."""
     p = argparse.ArgumentParser(prog="tokenprune", description="Visual-token pruning for multimodal LLMs.")
     from ._version import __version__
 
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------
 def _is_testbed_processor(processor) -> bool:
+    """Whether ``processor`` is the testbed's (its tokenizer has the testbed vocabulary)."""
     from .testbed import scenes as S
 
     tok = getattr(processor, "tokenizer", None)
@@ -108,6 +111,7 @@ def _is_testbed_processor(processor) -> bool:
 
 
 def _load(model_path):
+    """Load a model folder (default: the testbed checkpoint): ``(model, processor, label, seconds)``."""
     from .evaluation.models import load_model
     from .testbed.evaluate import checkpoint_path
 
@@ -122,10 +126,13 @@ def _load(model_path):
 
 
 def cmd_eval(args) -> int:
+    """``tokenprune eval``: every method at every budget against the unpruned model; prints tables."""
     import torch
 
+    from .budget import parse_budget
     from .evaluation.report import format_tables, make_records, plot_records, write_json
-    from .evaluation.runner import DEFAULT_BUDGETS, Evaluator, parse_budget, resolve_methods
+    from .evaluation.runner import DEFAULT_BUDGETS, Evaluator, validate_method_names
+    from .testbed.scenes import QUESTION_FAMILIES
 
     t_start = time.perf_counter()
     if args.threads is not None:
@@ -140,7 +147,7 @@ def cmd_eval(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise TokenPruneError("--plot needs matplotlib: pip install 'tokenprune[plot]'") from None
-    methods = resolve_methods(args.methods)
+    methods = validate_method_names(args.methods)
     budgets = [parse_budget(b) for b in args.budgets] if args.budgets else list(DEFAULT_BUDGETS)
     if args.data is not None:
         from .evaluation.data import read_vqa_jsonl
@@ -182,7 +189,7 @@ def cmd_eval(args) -> int:
 
         references = {ORACLE_NAME: make_oracle}
     results = ev.run_all(methods, budgets, seed=args.seed, references=references)
-    records = make_records(results)
+    records = make_records(results, family_order=QUESTION_FAMILIES)
     wall = time.perf_counter() - t_start
     print()
     print(format_tables(records))
@@ -206,17 +213,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """``tokenprune run``: one method on one question; prints the answers, tokens and timings."""
     import numpy as np
     import torch
 
     from .evaluation.data import load_image
     from .evaluation.models import build_prompt, image_grid
     from .evaluation.overlay import model_view, save_overlay
-    from .evaluation.runner import build_method, parse_budget, resolve_methods, summarize_report
+    from .budget import parse_budget
+    from .evaluation.runner import build_method, summarize_report, validate_method_names
 
     if args.image is not None and not args.question:
         raise TokenPruneError("--image needs --question")
-    (method_name,) = resolve_methods([args.method])
+    (method_name,) = validate_method_names([args.method])
     budget = parse_budget(args.budget)
     if args.image is not None:
         image = load_image(args.image)
@@ -268,7 +277,7 @@ def cmd_run(args) -> int:
                     times.append(dt * 1000)
         return float(np.median(times))
 
-    from .adapters import prune
+    from .runtime import prune
 
     torch.manual_seed(args.seed)
     ms_full, ms_pruned = prefill_ms(False), prefill_ms(True)
@@ -304,6 +313,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_testbed(args, rest) -> int:
+    """``tokenprune testbed``: train the testbed model, or export held-out questions."""
     if args.testbed_command == "train":
         from .testbed import train
 

@@ -38,17 +38,20 @@ available at run time from :func:`tokenprune.list_criteria`, :func:`tokenprune.l
 
 Criteria tags: **M** monotone, **S** submodular, **mod** modular, **~** heuristic gains (not the
 exact marginal gains of a set function); *requires* lists the signals the criterion reads from the
-context.
+context. A method's tags are those of :attr:`tokenprune.PruningMethod.tags`: a guarantee is shown
+only if it holds at every stage, and *requires* joins the stages' signals.
 """
 
 
 def _summary(obj) -> str:
+    """The first paragraph of ``obj``'s docstring, on one line."""
     doc = inspect.getdoc(obj) or ""
     line = doc.strip().split("\n\n", 1)[0].replace("\n", " ").strip()
     return line or "(no docstring)"
 
 
 def _papers(obj) -> str:
+    """Links to the arXiv ids cited by ``obj``'s (and its ``__init__``'s) docstring."""
     ids = []
     for target in (obj, getattr(obj, "__init__", None)):
         for m in ARXIV.finditer(inspect.getdoc(target) or ""):
@@ -58,6 +61,7 @@ def _papers(obj) -> str:
 
 
 def _ref(obj) -> str:
+    """A cross-reference role to ``obj`` when it is tokenprune's, else its dotted name."""
     mod = getattr(obj, "__module__", "") or ""
     qual = getattr(obj, "__qualname__", getattr(obj, "__name__", repr(obj)))
     role = "class" if inspect.isclass(obj) else "func"
@@ -67,10 +71,12 @@ def _ref(obj) -> str:
 
 
 def _source(entry) -> str:
+    """The distribution (and version) a registry entry comes from."""
     return f"{entry.source} {entry.version}" if entry.version else entry.source
 
 
 def _tags(tags) -> str:
+    """Short flags for a :class:`~tokenprune.criteria.Tags` (``--`` for ``None``)."""
     if tags is None:
         return "--"
     flags = [f for f, on in (("M", tags.monotone), ("S", tags.submodular), ("mod", tags.modular),
@@ -80,6 +86,7 @@ def _tags(tags) -> str:
 
 
 def _criterion_tags(cls):
+    """A criterion class's tags (those of its default instance when they depend on parameters)."""
     tags = getattr(cls, "tags", None)
     if isinstance(tags, property) or tags is None:
         try:  # tags that depend on parameters: those of the default instance
@@ -90,10 +97,13 @@ def _criterion_tags(cls):
 
 
 def _method_info(name: str, tp):
+    """``(stages text, whole-method tags)`` of method ``name`` built at budget 64 (or its defaults)."""
     error = None
-    for params in ({"budget": 64}, {}):
+    accepted = tp.methods.build.accepted_parameters(name)
+    tries = ({"budget": 64}, {}) if accepted is None or "budget" in accepted else ({},)
+    for params in tries:
         try:
-            m = tp.get_method(name, **params)
+            m = tp.create_method(name, **params)
         except TypeError:  # needs parameters other than the budget: nothing to show
             continue
         except Exception as exc:  # a registered method that cannot be built is a bug: fail the -W build
@@ -116,6 +126,7 @@ def _method_info(name: str, tp):
 
 
 def _table(title: str, header: list, rows: list) -> str:
+    """An RST ``list-table`` section."""
     out = [title, "-" * len(title), ""]
     if not rows:
         return "\n".join(out + ["None registered.", "", ""])
@@ -127,6 +138,7 @@ def _table(title: str, header: list, rows: list) -> str:
 
 
 def render() -> str:
+    """The text of ``catalogue.rst``, from the registries (plugins included)."""
     import tokenprune as tp
 
     regs = {attr: getattr(tp.registry, attr) for attr, _, _ in KINDS}
@@ -156,6 +168,7 @@ def render() -> str:
 
 
 def write_catalogue(app) -> None:
+    """Write ``catalogue.rst`` into the source folder, only when its text changes."""
     path = Path(app.srcdir) / "catalogue.rst"
     text = render()
     if not path.exists() or path.read_text(encoding="utf-8") != text:
@@ -163,5 +176,6 @@ def write_catalogue(app) -> None:
 
 
 def setup(app):
+    """Sphinx entry point."""
     app.connect("builder-inited", write_catalogue)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -75,9 +75,32 @@ def raster_coords(image: int, crop: int, rows: int, cols: int) -> torch.Tensor:
 
 
 def unknown_coords(n: int, image: int = -1) -> torch.Tensor:
+    """long ``[n, 4]``: ``(image, -1, -1, -1)``, tokens whose crop and patch are not known."""
     out = torch.full((n, 4), -1, dtype=torch.long)
     out[:, 0] = image
     return out
+
+
+def crop_coords(sizes: list, crops: list, image: int | None = None) -> tuple[list, list]:
+    """Per item, the coordinates of its visual tokens when they are whole crops in raster order.
+
+    Item ``i`` has ``sizes[i]`` tokens made of the crops ``crops[i]``, a list of ``(rows, cols)``
+    (crop ``k`` is the ``k``-th), each in raster order, one after the other. Where ``crops[i]`` is
+    ``None`` or empty, or does not account for exactly ``sizes[i]`` tokens, the item's coordinates are
+    unknown and it has no grids. ``image`` is the image index written into the coordinates (default:
+    the item's index ``i``). Returns ``(coords, grids)``: per item, long ``[sizes[i], 4]`` and the
+    list of its crops' grids, as :meth:`ModelAdapter.single_grid_layout` takes them.
+    """
+    coords, grids = [], []
+    for i, (n, item) in enumerate(zip(sizes, crops)):
+        img = i if image is None else image
+        if item and sum(r * c for r, c in item) == n:
+            coords.append(torch.cat([raster_coords(img, k, r, c) for k, (r, c) in enumerate(item)]))
+            grids.append(list(item))
+        else:
+            coords.append(unknown_coords(n, img))
+            grids.append([])
+    return coords, grids
 
 
 class ModelAdapter:
@@ -109,6 +132,12 @@ class ModelAdapter:
         Per registered method name, parameters that suit this family (e.g. TOPS's layers for
         Qwen2.5-VL). :func:`tokenprune.prune` passes those the method factory accepts when the method
         is given by name; explicit parameters win.
+    vision_cls : bool
+        Whether the family's vision tower has a [CLS] token (informational, for the documentation's
+        family table; :attr:`has_cls` looks at the loaded tower).
+    layout_notes : str
+        One line on how the family lays out its visual tokens, for the documentation's family table
+        (empty: the first paragraph of the class docstring is shown).
     """
 
     model_types: ClassVar[tuple] = ()
@@ -116,6 +145,8 @@ class ModelAdapter:
     mrope: ClassVar[bool] = False
     token_keys: ClassVar[tuple] = ("token_type_ids", "mm_token_type_ids")
     default_schedule: ClassVar[dict] = {}
+    vision_cls: ClassVar[bool] = True
+    layout_notes: ClassVar[str] = ""
 
     def __init__(self, model):
         self.model = model
@@ -133,18 +164,22 @@ class ModelAdapter:
     # -- structure ----------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The adapter's class name (shown in the report)."""
         return type(self).__name__
 
     @property
     def config(self):
+        """The model's top-level config."""
         return self.model.config
 
     @property
     def text_config(self):
+        """The decoder stack's config."""
         return self.text_model.config
 
     @property
     def vision_config(self):
+        """The vision tower's config (``config.vision_config``), or ``None``."""
         return getattr(self.config, "vision_config", None)
 
     @property
@@ -162,6 +197,7 @@ class ModelAdapter:
 
     @property
     def image_token_id(self) -> int:
+        """The id of the image placeholder token in ``input_ids`` (``image_token_id`` or ``image_token_index``)."""
         cfg = self.config
         for key in ("image_token_id", "image_token_index"):
             v = getattr(cfg, key, None)
@@ -171,6 +207,7 @@ class ModelAdapter:
 
     @property
     def pad_token_id(self) -> int:
+        """The id written into ``input_ids`` where a shortened prompt is re-padded (0 if the configs have none)."""
         for cfg in (self.text_config, self.config):
             v = getattr(cfg, "pad_token_id", None)
             if v is not None:
@@ -215,6 +252,11 @@ class ModelAdapter:
         return [f.reshape(-1, f.shape[-1]).shape[0] for f in pooler_output]
 
     # -- token layout ---------------------------------------------------------------------------
+    def patch_grid_side(self) -> int:
+        """Patches per side of the vision tower's square input (one crop or tile): ``image_size // patch_size``."""
+        vc = self.vision_config
+        return vc.image_size // vc.patch_size
+
     def token_layout(self, pooler_output, record: VisionRecord | None) -> TokenLayout:
         """Where each visual token comes from (default: one square grid per image, LLaVA-1.5).
 
@@ -226,23 +268,18 @@ class ModelAdapter:
             The ``get_image_features`` call that produced them, when it ran inside the context.
         """
         sizes = self.image_sizes_per_item(pooler_output)
-        coords, grids = [], []
-        vc = self.vision_config
-        side = vc.image_size // vc.patch_size
-        for i, n in enumerate(sizes):
-            if n == side * side:
-                coords.append(raster_coords(i, 0, side, side))
-                grids.append([(side, side)])
-            elif n == side * side + 1:  # "full" strategy on a tower with [CLS]: the CLS token comes first
-                coords.append(torch.cat([unknown_coords(1, i), raster_coords(i, 0, side, side)]))
-                grids.append([(side, side)])
-            else:
-                coords.append(unknown_coords(n, i))
-                grids.append([])
+        side = self.patch_grid_side()
+        patches = side * side
+        with_cls = [n == patches + 1 for n in sizes]  # "full" strategy on a tower with [CLS]: CLS comes first
+        coords, grids = crop_coords([n - c for n, c in zip(sizes, with_cls)], [[(side, side)]] * len(sizes))
+        for i, c in enumerate(with_cls):
+            if c:
+                coords[i] = torch.cat([unknown_coords(1, i), coords[i]])
         return self.single_grid_layout(coords, grids, record, sizes)
 
     def single_grid_layout(self, coords, grids, record, sizes) -> TokenLayout:
-        """The layout of images without newline tokens, from per-image coordinates and grids."""
+        """The layout of images without newline tokens, from per-image coordinates and grids (as
+        :func:`crop_coords` gives them), with the [CLS] scores of ``record`` when it has them."""
         coords = torch.cat(coords)
         cls = None
         if record is not None and record.cls_attention is not None:
@@ -259,13 +296,21 @@ class ModelAdapter:
 
     @property
     def vision_tower(self):
+        """The base model's vision encoder (``vision_tower``, ``visual`` or ``vision_model``)."""
         for name in ("vision_tower", "visual", "vision_model"):
             t = getattr(self.base, name, None)
             if t is not None:
                 return t
         raise UnsupportedModelError(f"{type(self.base).__name__} has no vision tower")
 
+    def feature_select_strategy(self, record: VisionRecord | None) -> str:
+        """``vision_feature_select_strategy`` of the ``get_image_features`` call, else of the config
+        (``"default"``: the [CLS] token is dropped from the features; ``"full"``: kept)."""
+        return (record.kwargs.get("vision_feature_select_strategy") if record is not None else None) or \
+            getattr(self.config, "vision_feature_select_strategy", "default")
+
     def vision_feature_layer(self) -> int:
+        """The hidden state of the tower that the features come from (the last one when a list is configured)."""
         v = getattr(self.config, "vision_feature_layer", -1)
         if isinstance(v, (list, tuple)):
             v = v[-1]
@@ -313,9 +358,7 @@ class ModelAdapter:
     def cls_to_tokens(self, record: VisionRecord, sizes: list) -> torch.Tensor:
         """float32 ``[N_total]``: [CLS] attention for every visual token (default: LLaVA-1.5)."""
         att = record.cls_attention  # [n_img, 1 + P]
-        strategy = record.kwargs.get("vision_feature_select_strategy") or getattr(
-            self.config, "vision_feature_select_strategy", "default")
-        tok = att[:, 1:] if strategy == "default" else att
+        tok = att[:, 1:] if self.feature_select_strategy(record) == "default" else att
         return tok.reshape(-1)[: sum(sizes)].float()
 
     # -- positions ------------------------------------------------------------------------------
@@ -355,10 +398,12 @@ class ModelAdapter:
         """Raise if in-LLM pruning cannot continue at this decode step (default: always works)."""
 
     def layer_is_sliding(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` uses sliding-window attention (``config.layer_types``)."""
         types = getattr(self.text_config, "layer_types", None)
         return bool(types) and types[layer_idx] == "sliding_attention"
 
 
 def square_side(n: int) -> int | None:
+    """The side of a square grid of ``n`` tokens, or ``None`` if ``n`` is not a square."""
     s = int(math.isqrt(n))
     return s if s * s == n else None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import StageError
-from .base import ModelAdapter, TokenLayout, raster_coords, square_side, unknown_coords
+from .. import registry
+from .base import ModelAdapter, TokenLayout, crop_coords, square_side
 
 
+@registry.adapters.register("gemma3")
 class Gemma3Adapter(ModelAdapter):
     """Gemma3 (``Gemma3ForConditionalGeneration``).
 
@@ -27,18 +29,15 @@ class Gemma3Adapter(ModelAdapter):
 
     model_types = ("gemma3",)
     supports_mean_attention = True
+    vision_cls = False
+    layout_notes = ("one square grid of pooled patches per image; in-LLM stages only while the sequence "
+                    "fits the sliding window")
 
     def token_layout(self, pooler_output, record) -> TokenLayout:
         sizes = self.image_sizes_per_item(pooler_output)
-        coords, grids = [], []
-        for i, n in enumerate(sizes):
-            side = square_side(n)
-            if side is not None:
-                coords.append(raster_coords(i, 0, side, side))
-                grids.append([(side, side)])
-            else:
-                coords.append(unknown_coords(n, i))
-                grids.append([])
+        sides = [square_side(n) for n in sizes]
+        crops = [None if s is None else [(s, s)] for s in sides]
+        coords, grids = crop_coords(sizes, crops)
         return self.single_grid_layout(coords, grids, record, sizes)
 
     def cls_to_tokens(self, record, sizes) -> torch.Tensor:
@@ -53,6 +52,7 @@ class Gemma3Adapter(ModelAdapter):
         return pooled.flatten(1).reshape(-1)[: sum(sizes)].cpu()
 
     def _window(self):
+        """The text model's sliding window, or ``None`` when no layer slides."""
         types = getattr(self.text_config, "layer_types", None) or []
         if "sliding_attention" not in types:
             return None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import StageError
-from .base import ModelAdapter, TokenLayout, raster_coords, square_side, unknown_coords
+from .. import registry
+from .base import ModelAdapter, TokenLayout, crop_coords, square_side
 
 
+@registry.adapters.register("idefics3")
 class Idefics3Adapter(ModelAdapter):
     """Idefics3 (``Idefics3ForConditionalGeneration``; SigLIP-style tower, pixel shuffle, Llama).
 
@@ -26,11 +28,14 @@ class Idefics3Adapter(ModelAdapter):
     model_types = ("idefics3",)
     text_model_attr = "text_model"
     supports_mean_attention = True
+    vision_cls = False
+    layout_notes = ("per sample, row-major tiles then the global image, a square grid each after the "
+                    "pixel shuffle; decoder at ``text_model``")
 
     def tokens_per_tile(self) -> int:
-        vc = self.vision_config
+        """Visual tokens per tile: the tower's patch grid divided by the pixel shuffle's ``scale_factor²``."""
         scale = int(getattr(self.config, "scale_factor", 1))
-        return (vc.image_size // vc.patch_size) ** 2 // (scale * scale)
+        return self.patch_grid_side() ** 2 // (scale * scale)
 
     def image_sizes_per_item(self, pooler_output, record=None) -> list:
         """Tokens per *sample*. transformers 5.23 returns one tensor per sample; earlier versions one
@@ -49,20 +54,9 @@ class Idefics3Adapter(ModelAdapter):
         sizes = self.image_sizes_per_item(pooler_output, record)
         per = self.tokens_per_tile()
         side = square_side(per)
-        coords, grids = [], []
-        for i, n in enumerate(sizes):
-            if side is not None and n % per == 0:
-                tiles = n // per
-                coords.append(torch.cat([raster_coords(0, t, side, side) for t in range(tiles)]))
-                grids.append([(side, side)] * tiles)
-            else:
-                coords.append(unknown_coords(n, 0))
-                grids.append([])
-        coords = torch.cat(coords)
-        cls = None
-        if record is not None and record.cls_attention is not None:
-            cls = self.cls_to_tokens(record, sizes)
-        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=cls, grids=grids)
+        crops = [[(side, side)] * (n // per) if side is not None and n % per == 0 else None for n in sizes]
+        coords, grids = crop_coords(sizes, crops, image=0)  # the image index is not known per tile
+        return self.single_grid_layout(coords, grids, record, sizes)
 
     def cls_to_tokens(self, record, sizes) -> torch.Tensor:
         """The ``"mean_attention"`` fallback per patch, grouped by the connector's own pixel shuffle and averaged."""
@@ -72,6 +66,7 @@ class Idefics3Adapter(ModelAdapter):
         return shuffled.mean(-1).reshape(-1)[: sum(sizes)].cpu()
 
 
+@registry.adapters.register("smolvlm")
 class SmolVLMAdapter(Idefics3Adapter):
     """SmolVLM (``SmolVLMForConditionalGeneration``); as :class:`Idefics3Adapter`.
 
@@ -91,6 +86,7 @@ class SmolVLMAdapter(Idefics3Adapter):
         return int(self.vision_config.patch_size) if Version("5.20.1") <= v < Version("5.21") else None
 
     def check_pre_llm(self, kept: list) -> None:
+        """Raise :class:`~tokenprune.StageError` where the installed merger cannot take the kept counts."""
         block = self.merger_block()
         if block is None:
             return
@@ -102,6 +98,7 @@ class SmolVLMAdapter(Idefics3Adapter):
 
 
 def _transformers_version() -> str:
+    """The installed transformers version (imported here, not when the module is)."""
     import transformers
 
     return transformers.__version__

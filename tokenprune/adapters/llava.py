@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .. import registry
 from .base import ModelAdapter
 
 
+@registry.adapters.register("llava")
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 (``LlavaForConditionalGeneration``).
 
@@ -15,3 +17,4 @@ class LlavaAdapter(ModelAdapter):
     """
 
     model_types = ("llava",)
+    layout_notes = "one square patch grid per image, raster order"

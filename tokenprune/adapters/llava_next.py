@@ -6,9 +6,11 @@ import sys
 
 import torch
 
+from .. import registry
 from .base import ModelAdapter, TokenLayout, raster_coords, unknown_coords
 
 
+@registry.adapters.register("llava_next")
 class LlavaNextAdapter(ModelAdapter):
     """LLaVA-NeXT (``LlavaNextForConditionalGeneration``; CLIP tower with [CLS], Llama/Mistral/Vicuna).
 
@@ -30,26 +32,30 @@ class LlavaNextAdapter(ModelAdapter):
     """
 
     model_types = ("llava_next",)
+    layout_notes = ("base image grid, then the anyres crops as one unpadded grid with an "
+                    "``image_newline`` token after each row")
 
     def _num_patches(self, record) -> list:
+        """Crops per image (base image included), as the model's ``image_size_to_num_patches`` counts them."""
         mod = sys.modules[type(self.base).__module__]
         sizes = record.kwargs["image_sizes"]
         return [int(mod.image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
-                                                  patch_size=self.vision_config.image_size)) for s in sizes]
+                                                  patch_size=self.vision_config.image_size)) if split else 1
+                for s, split in zip(sizes, self._split_images(record))]
+
+    def _split_images(self, record) -> list:
+        """Per image, whether it was split into high-resolution crops (LLaVA-NeXT: every image)."""
+        return [True] * len(record.kwargs["image_sizes"])
 
     def _pack(self, metas, record, newline):
-        strategy = record.kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        """The model's own ``pack_image_features`` run on ``metas`` (coordinates and scores per patch)."""
         return self.base.pack_image_features(metas, record.kwargs["image_sizes"],
-                                             vision_feature_select_strategy=strategy, image_newline=newline)[0]
-
-    def _strategy(self, record):
-        return (record.kwargs.get("vision_feature_select_strategy") if record is not None else None) or \
-            getattr(self.config, "vision_feature_select_strategy", "default")
+                                             vision_feature_select_strategy=self.feature_select_strategy(record),
+                                             image_newline=newline)[0]
 
     def token_layout(self, pooler_output, record) -> TokenLayout:
         sizes = self.image_sizes_per_item(pooler_output)
-        vc = self.vision_config
-        side = vc.image_size // vc.patch_size
+        side = self.patch_grid_side()
         if record is not None and record.kwargs.get("image_sizes") is not None:
             try:
                 return self._packed_layout(sizes, side, record)
@@ -72,12 +78,13 @@ class LlavaNextAdapter(ModelAdapter):
         return TokenLayout(coords=torch.cat(coords), newline=newline, cls=None, grids=grids)
 
     def _packed_layout(self, sizes, side, record) -> TokenLayout:
+        """The layout from the model's own packing of a coordinate (and score) tensor per crop."""
         n_patches = self._num_patches(record)
         P = side * side
         cls = None
         if record.cls_attention is not None:
             att = record.cls_attention.float()
-            cls = att[:, 1:] if self._strategy(record) == "default" else att
+            cls = att[:, 1:] if self.feature_select_strategy(record) == "default" else att
             if cls.shape[1] != P:
                 cls = None
         r = torch.arange(side).repeat_interleave(side).float()
@@ -109,6 +116,7 @@ class LlavaNextAdapter(ModelAdapter):
                            cls=None if cls is None else torch.cat(scores), grids=grids)
 
 
+@registry.adapters.register("llava_onevision")
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``; SigLIP tower, Qwen2).
 
@@ -123,17 +131,20 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_types = ("llava_onevision",)
     supports_mean_attention = True
+    vision_cls = False
+    layout_notes = ("as LLaVA-NeXT, crops only for single-image samples, large grids scaled down "
+                    "(``anyres_max_9``)")
 
-    def _num_patches(self, record) -> list:
-        mod = sys.modules[type(self.base).__module__]
-        sizes = record.kwargs["image_sizes"]
+    def _split_images(self, record) -> list:
+        """Per image, whether it was split into crops: only the images of single-image samples
+        (``batch_num_images``)."""
         bni = record.kwargs.get("batch_num_images")
-        patching = [True] * len(sizes) if bni is None else [int(n) == 1 for n in bni for _ in range(int(n))]
-        return [int(mod.image_size_to_num_patches(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints,
-                                                  patch_size=self.vision_config.image_size)) if p else 1
-                for s, p in zip(sizes, patching)]
+        if bni is None:
+            return super()._split_images(record)
+        return [int(n) == 1 for n in bni for _ in range(int(n))]
 
     def _pack(self, metas, record, newline):
+        """The model's own ``pack_image_features`` with OneVision's ``vision_aspect_ratio``."""
         ratio = record.kwargs.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
         return self.base.pack_image_features(metas, record.kwargs["image_sizes"], image_newline=newline,
                                              vision_aspect_ratio=ratio)[0]

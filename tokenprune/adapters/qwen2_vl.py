@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import StageError
-from .base import ModelAdapter, TokenLayout, raster_coords, unknown_coords
+from .. import registry
+from .base import ModelAdapter, TokenLayout, crop_coords
 
 
+@registry.adapters.register("qwen2_vl")
 class Qwen2VLAdapter(ModelAdapter):
     """Qwen2-VL (``Qwen2VLForConditionalGeneration``).
 
@@ -25,6 +27,8 @@ class Qwen2VLAdapter(ModelAdapter):
 
     model_types = ("qwen2_vl",)
     mrope = True
+    vision_cls = False
+    layout_notes = "per image, ``t`` frames of a merged patch grid from ``image_grid_thw``, raster order"
 
     def full_position_ids(self, kwargs, record) -> torch.Tensor:
         pid = kwargs.get("position_ids")
@@ -46,23 +50,19 @@ class Qwen2VLAdapter(ModelAdapter):
         sizes = self.image_sizes_per_item(pooler_output)
         grid = None if record is None else record.kwargs.get("image_grid_thw")
         m = int(self.vision_config.spatial_merge_size)
-        coords, grids = [], []
-        for i, n in enumerate(sizes):
-            ok = grid is not None and i < len(grid)
-            if ok:
+        crops = []
+        for i in range(len(sizes)):
+            if grid is not None and i < len(grid):
                 t, h, w = (int(x) for x in grid[i])
-                h, w = h // m, w // m
-                ok = t * h * w == n
-            if ok:
-                coords.append(torch.cat([raster_coords(i, f, h, w) for f in range(t)]))
-                grids.append([(h, w)] * t)
+                crops.append([(h // m, w // m)] * t)  # one crop per frame
             else:
-                coords.append(unknown_coords(n, i))
-                grids.append([])
-        coords = torch.cat(coords)
-        return TokenLayout(coords=coords, newline=torch.zeros(len(coords), dtype=torch.bool), cls=None, grids=grids)
+                crops.append(None)
+        coords, grids = crop_coords(sizes, crops)
+        # no [CLS] scores: the tower has no [CLS] token and no "mean_attention" fallback
+        return self.single_grid_layout(coords, grids, None, sizes)
 
 
+@registry.adapters.register("qwen2_5_vl")
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``); as :class:`Qwen2VLAdapter`.
 

@@ -30,6 +30,7 @@ import torch
 
 from ..context import TokenContext
 from ..errors import ConfigError, IncompatibleComponentsError
+from ..selection import Selection
 
 NORMALIZATIONS = ("none", "minmax", "mean")
 
@@ -120,6 +121,45 @@ class Criterion(ABC):
         cand = ctx.mask if candidates is None else candidates
         return self.gains(ctx, state, cand).float().gather(1, index)
 
+    # -- optional fast path ------------------------------------------------------------------------
+    def greedy_fast_path(self, ctx: TokenContext, k: torch.Tensor, *, lazy: bool) -> Selection | None:
+        """A specialised greedy run for this criterion, or ``None`` to use the generic loop.
+
+        :class:`~tokenprune.selectors.Greedy` (deterministic: plain or lazy) calls this hook first,
+        after validating the budget and the objective, under ``torch.no_grad``; when it returns
+        ``None`` (the default) Greedy runs its generic loop over :meth:`prepare`, :meth:`gains`,
+        :meth:`gains_at` and :meth:`update`. A criterion overrides it when it can run greedy much
+        faster on its own state: :class:`~tokenprune.criteria.Coverage` (lazy greedy on its
+        fixed-point state, updated in place), :class:`~tokenprune.criteria.TOPSObjective` (plain
+        greedy in NumPy for one sample on the CPU).
+
+        Parameters
+        ----------
+        ctx : TokenContext
+            The tokens; :meth:`check` has already passed.
+        k : torch.Tensor
+            long ``[B]`` picks per row (``1 <= k[b] <= valid_b``).
+        lazy : bool
+            Whether Greedy was asked for lazy greedy (``Greedy(lazy=True)``, only for criteria with
+            ``tags.nonincreasing_gains``) or plain greedy.
+
+        Returns
+        -------
+        Selection or None
+            Exactly what the generic loop would return (same indices, order and gains, bit for bit,
+            ties to the lowest index, padding never picked), or ``None`` where the fast path does not
+            apply (a batch, a GPU, the other greedy variant). Subclasses of a criterion with a fast
+            path inherit it: one that changes the gains must override this to return ``None``.
+
+        Notes
+        -----
+        Layering: criteria sit below selectors and never import them. The loop kernels a fast path
+        shares with the selectors (lazy greedy over stale bounds, the single-sample NumPy loops) live
+        in :mod:`tokenprune.criteria._loops`, at the criteria layer, and the result is built with
+        :func:`tokenprune.selection.from_order`.
+        """
+        return None
+
     # -- algebra -----------------------------------------------------------------------------------
     def __mul__(self, weight) -> "WeightedSum":
         return WeightedSum.of([(weight, self)])
@@ -152,6 +192,7 @@ class Criterion(ABC):
 
 
 def _params(obj) -> dict:
+    """A dataclass's fields as a JSON-able dict (tuples become lists)."""
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
@@ -162,6 +203,7 @@ def _params(obj) -> dict:
 
 
 def _terms(c: Criterion) -> list:
+    """The ``(weight, criterion)`` terms of ``c``: an unnormalised sum's own terms, else ``c`` itself."""
     return list(c.terms) if isinstance(c, WeightedSum) and c.normalize == "none" else [(1.0, c)]
 
 

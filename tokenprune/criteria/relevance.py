@@ -72,9 +72,34 @@ class Relevance(ModularCriterion):
 
 def text_similarity(ctx, reduce: str = "max") -> torch.Tensor:
     """float32 ``[B, N]`` cosine similarity of visual tokens to the valid text embeddings, reduced over text."""
-    t = torch.nn.functional.normalize(ctx.text_embeddings.float(), dim=-1)
-    sim = torch.bmm(ctx.unit_features, t.transpose(1, 2))  # [B, N, T]
-    tm = ctx.text_mask[:, None, :]
+    return cosine_to_text(ctx.unit_features, ctx.text_embeddings, ctx.text_mask, ctx.mask, reduce)
+
+
+def cosine_to_text(unit_features: torch.Tensor, text_embeddings: torch.Tensor, text_mask: torch.Tensor,
+                   mask: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """Cosine similarity of each visual token to the valid text tokens, reduced over the text.
+
+    Parameters
+    ----------
+    unit_features : torch.Tensor
+        float32 ``[B, N, D]``: L2-normalised visual-token features (padding rows may be anything).
+    text_embeddings : torch.Tensor
+        ``[B, T, D]`` text embeddings in the same space (any float dtype; normalised here).
+    text_mask : torch.Tensor
+        bool ``[B, T]``: the valid text tokens.
+    mask : torch.Tensor
+        bool ``[B, N]``: the valid visual tokens; padding scores are 0.
+    reduce : {"max", "mean"}
+        Reduction over the valid text tokens (``"mean"``: 0 for a sample without text).
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``[B, N]``. ``O(B N T D)``.
+    """
+    t = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
+    sim = torch.bmm(unit_features, t.transpose(1, 2))  # [B, N, T]
+    tm = text_mask[:, None, :]
     if reduce == "max":
-        return sim.masked_fill(~tm, float("-inf")).amax(-1).masked_fill(~ctx.mask, 0.0)
-    return (sim * tm).sum(-1) / tm.sum(-1).clamp_min(1)
+        return sim.masked_fill(~tm, float("-inf")).amax(-1).masked_fill(~mask, 0.0)
+    return ((sim * tm).sum(-1) / tm.sum(-1).clamp_min(1)).masked_fill(~mask, 0.0)

@@ -11,7 +11,9 @@ import torch
 
 from ..errors import MissingSignalError
 from ..registry import criteria
+from ..selection import from_order
 from ._kernels import fixed_point_similarity, gather_rows, row_blocks
+from ._loops import use_host
 from .base import NORMALIZATIONS, Criterion, Tags
 from .coverage import Coverage
 from .diversity import Diversity
@@ -184,18 +186,22 @@ class TOPSObjective(Criterion):
         out["c"] = c - delta
         return out
 
-    def _greedy_fast(self, ctx, k):
-        """Plain greedy on this score for one sample on the CPU, in NumPy (used by
-        :class:`~tokenprune.selectors.Greedy`): same picks and gains as the batched path. ``None``
-        when it does not apply (several samples, or a GPU)."""
-        if ctx.mask.shape[0] != 1 or ctx.device.type != "cpu":
+    def greedy_fast_path(self, ctx, k, *, lazy):
+        """Plain greedy on this score for one sample on the CPU, in NumPy (:func:`_greedy_numpy`).
+
+        See :meth:`Criterion.greedy_fast_path`: same picks and gains as the batched path through
+        :meth:`gains` and :meth:`update`. ``None`` when it does not apply (lazy greedy, which this
+        score does not allow; several samples; a GPU).
+        """
+        if lazy or not use_host(ctx):
             return None
         state = self.prepare(ctx)
         K = int(k[0])
         order, gains = _greedy_numpy(state["fq"][0].numpy(), state["r"][0].detach().numpy(), ctx.mask[0].numpy(), K,
                                      state["scale"], float(self.coverage_weight), float(self.diversity_weight),
                                      self.normalize, self.incremental)
-        return torch.from_numpy(order)[None], torch.from_numpy(gains)[None]
+        order = torch.from_numpy(order)[None]
+        return from_order(order, torch.from_numpy(gains)[None], torch.ones(order.shape, dtype=torch.bool))
 
     def evaluate(self, ctx, subset):
         self.check(ctx)
@@ -296,6 +302,7 @@ def _greedy_numpy(fq: np.ndarray, r: np.ndarray, valid: np.ndarray, k: int, scal
 
 
 def _column_sums_np(fq: np.ndarray, m: np.ndarray, blocks) -> np.ndarray:
+    """:func:`_column_sums` for one sample in NumPy, over precomputed row ``blocks``."""
     c = np.zeros(fq.shape[1], dtype=np.int32)
     for a, b in blocks:
         c += np.maximum(fq[a:b].astype(np.int32) - m[a:b, None], 0).sum(0, dtype=np.int32)

@@ -15,13 +15,14 @@ SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 def supported_model_types() -> list:
     """``config.model_type`` values that have a registered adapter (sorted)."""
-    import tokenprune as tp
     from .. import adapters  # noqa: F401  (registers the built-in adapters)
+    from ..registry import adapters as registered
 
-    return sorted(tp.list_adapters())
+    return sorted(registered.list())
 
 
 def _read_config(path: Path) -> dict:
+    """The ``config.json`` of a model folder as a dict (raises :class:`UnsupportedModelError`)."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UnsupportedModelError(f"{str(path)!r} is not a Hugging Face model folder: it has no config.json")
@@ -80,6 +81,7 @@ def load_model(path, *, dtype=None):
 
 
 def _has_chat_template(processor) -> bool:
+    """Whether the processor (or its tokenizer) has a chat template."""
     if getattr(processor, "chat_template", None):
         return True
     tok = getattr(processor, "tokenizer", None)

@@ -12,13 +12,14 @@ __all__ = ["make_records", "format_tables", "write_json", "plot_records"]
 
 
 def _r(x, nd=4):
+    """``x`` rounded to ``nd`` digits for the records (``None`` for ``None`` and NaN)."""
     if x is None:
         return None
     x = float(x)
     return None if math.isnan(x) else round(x, nd)
 
 
-def make_records(results) -> list:
+def make_records(results, *, family_order=()) -> list:
     """One JSON-able dict per configuration.
 
     Parameters
@@ -26,6 +27,10 @@ def make_records(results) -> list:
     results : list of ConfigResult
         From :meth:`Evaluator.run_all`; the unpruned one (method ``"none"``) is the reference for
         relative accuracy and speed-up.
+    family_order : sequence of str
+        Question families listed first in ``per_family`` (and so in :func:`format_tables`), in
+        this order; the others follow alphabetically. ``tokenprune eval`` passes the testbed's
+        :data:`~tokenprune.testbed.scenes.QUESTION_FAMILIES`.
 
     Returns
     -------
@@ -40,10 +45,10 @@ def make_records(results) -> list:
         prefill time over this one), ``selection_ms`` (per question, if reported) and ``n``.
     """
     base = next((r for r in results if r.method == "none"), None)
-    base_fam = base.family_accuracy() if base is not None else {}
+    base_fam = base.family_accuracy(family_order) if base is not None else {}
     out = []
     for r in results:
-        fam = r.family_accuracy()
+        fam = r.family_accuracy(family_order)
         rel = (r.accuracy / base.accuracy) if base is not None and base.accuracy > 0 else None
         speed = (base.prefill_median_ms / r.prefill_median_ms) if base is not None and r.prefill_median_ms > 0 \
             else None
@@ -73,6 +78,7 @@ def make_records(results) -> list:
 
 
 def _table(header, rows, align) -> str:
+    """A plain-text table: columns padded to their widest cell, aligned per ``align`` (``"l"`` or ``"r"``)."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     def line(cells):
         return "  ".join(str(c).rjust(w) if a == "r" else str(c).ljust(w) for c, w, a in zip(cells, widths, align))
@@ -81,6 +87,7 @@ def _table(header, rows, align) -> str:
 
 
 def _pct(x, nd=1):
+    """A share as a percentage with ``nd`` decimals (``"n/a"`` for ``None``)."""
     return "n/a" if x is None else f"{100 * x:.{nd}f}"
 
 

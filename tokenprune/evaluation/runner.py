@@ -9,76 +9,25 @@ per-family accuracy, evidence recall, tokens per stage, equivalent tokens and pr
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..budget import Budget
-from ..errors import BudgetError
+from .. import registry
+from ..budget import Budget, parse_budget
+from ..methods.build import accepted_parameters, create_method
 from ..methods.compose import PruningMethod
 from .data import load_image
 from .models import build_prompt, image_grid, num_image_tokens
 from .vqa import vqa_accuracy
 
-__all__ = ["DEFAULT_BUDGETS", "parse_budget", "budget_label", "Evaluator", "ConfigResult", "resolve_methods"]
+# ``parse_budget`` lives in :mod:`tokenprune.budget`; it stays importable from here.
+__all__ = ["DEFAULT_BUDGETS", "parse_budget", "budget_label", "Evaluator", "ConfigResult", "validate_method_names"]
 
 #: Fractions of the image tokens kept at the TOPS paper's reductions (LLaVA-1.5: 128, 64 and 32 of
 #: 576 tokens, i.e. 77.8%, 88.9% and 94.4% removed).
 DEFAULT_BUDGETS = (128 / 576, 64 / 576, 32 / 576)
-
-_INT = re.compile(r"^[+]?\d+$")
-
-
-def parse_budget(value):
-    """Parse a budget given on the command line.
-
-    Parameters
-    ----------
-    value : str, int or float
-        A count (``"64"``: tokens kept), a fraction kept (``"0.25"``), or a percentage kept
-        (``"25%"``).
-
-    Returns
-    -------
-    int or float
-        An int >= 1 or a float in (0, 1].
-
-    Raises
-    ------
-    BudgetError
-        Anything else (text, zero, negative numbers, fractions above 1, percentages above 100).
-
-    Examples
-    --------
-    >>> parse_budget("64"), parse_budget("0.25"), parse_budget("12.5%")
-    (64, 0.25, 0.125)
-    """
-    if isinstance(value, bool):
-        raise BudgetError(f"budget {value!r} is not a count (int >= 1) or a fraction (float in (0, 1])")
-    if isinstance(value, (int, float)):
-        return Budget(value).value
-    s = str(value).strip()
-    try:
-        if s.endswith("%"):
-            v = float(s[:-1]) / 100.0
-            if not math.isfinite(v) or not 0.0 < v <= 1.0:
-                raise ValueError
-            return Budget(v).value
-        if _INT.match(s):
-            return Budget(int(s)).value
-        v = float(s)
-    except (ValueError, BudgetError):
-        raise BudgetError(f"budget {value!r} is not a count (an int >= 1, tokens kept) or a fraction kept "
-                          f"(a float in (0, 1], or a percentage such as '25%')") from None
-    try:
-        return Budget(v).value
-    except BudgetError as e:
-        raise BudgetError(f"budget {value!r}: {e}") from None
-
 
 def budget_label(budget) -> str:
     """Short label: ``"64 tok"`` for counts, ``"-77.8%"`` (share of image tokens removed) for fractions."""
@@ -89,19 +38,29 @@ def budget_label(budget) -> str:
     return f"{budget} tok"
 
 
-def resolve_methods(names) -> list:
-    """Validate method names (``None`` or ``["all"]``: every registered method, sorted).
+def validate_method_names(names) -> list:
+    """Check that method names are registered; ``None`` or ``["all"]`` stands for every method.
+
+    Nothing is built (see :func:`build_method`).
+
+    Parameters
+    ----------
+    names : list of str or None
+        Method names or aliases, as given on the command line.
+
+    Returns
+    -------
+    list of str
+        The names without repeats, in the order given; every registered method (sorted) for
+        ``None`` or ``["all"]``.
 
     Raises
     ------
     UnknownNameError
         A name that is not registered (the message suggests close names).
     """
-    import tokenprune as tp
-    from .. import registry
-
     if names is None or list(names) == ["all"]:
-        return sorted(tp.list_methods())
+        return sorted(registry.methods.list())
     out = []
     for n in names:
         registry.methods.get(n)  # raises UnknownNameError
@@ -111,19 +70,27 @@ def resolve_methods(names) -> list:
 
 
 def build_method(name: str, budget, seed: int):
-    """``tp.get_method(name, budget=budget)``, passing ``seed`` to methods that take one."""
-    import tokenprune as tp
-    from .. import registry
+    """Build the registered method ``name`` at ``budget``, passing ``seed`` to methods that take one.
 
-    factory = registry.methods.get(name)
+    Parameters
+    ----------
+    name : str
+        A registered method name.
+    budget : int or float
+        Its budget.
+    seed : int
+        Passed as ``seed=`` when the method's factory names a ``seed`` parameter.
+
+    Returns
+    -------
+    PruningMethod
+        From :func:`tokenprune.methods.build.create_method`.
+    """
     params = {"budget": budget}
-    try:
-        sig = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        sig = {}
-    if "seed" in sig:
+    accepted = accepted_parameters(name)
+    if accepted is not None and "seed" in accepted:
         params["seed"] = seed
-    return tp.get_method(name, **params)
+    return create_method(name, **params)
 
 
 @dataclass
@@ -157,10 +124,21 @@ class ConfigResult:
     def accuracy(self) -> float:
         return float(np.mean(self.scores)) if len(self.scores) else float("nan")
 
-    def family_accuracy(self) -> dict:
-        from ..testbed.scenes import FAMILIES
+    def family_accuracy(self, order=()) -> dict:
+        """Accuracy per question family.
 
-        order = {f: i for i, f in enumerate(FAMILIES)}
+        Parameters
+        ----------
+        order : sequence of str
+            Families listed first, in this order (e.g. the testbed's
+            :data:`~tokenprune.testbed.scenes.QUESTION_FAMILIES`); the others follow alphabetically.
+
+        Returns
+        -------
+        dict
+            ``{family: mean score}`` over the questions that have a family, in that order.
+        """
+        order = {f: i for i, f in enumerate(order)}
         fams = sorted({f for f in self.families if f is not None}, key=lambda f: (order.get(f, len(order)), f))
         arr = np.asarray(self.families, dtype=object)
         return {f: float(np.mean(self.scores[arr == f])) for f in fams}
@@ -178,12 +156,14 @@ class ConfigResult:
 
 @dataclass
 class _Batch:
+    """One batch of questions: the examples, their processor output (``None`` when not cached) and evidence."""
     examples: list
     inputs: dict
     evidence: list
 
 
 def _nanmean(x):
+    """Mean of the non-NaN values (``None`` when there are none, or for ``None``)."""
     if x is None:
         return None
     x = np.asarray(x, dtype=np.float64)

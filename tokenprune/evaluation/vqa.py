@@ -49,6 +49,7 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def _punctuation(text: str) -> str:
+    """The VQA evaluation's punctuation step: strip or space out punctuation, drop periods that end words."""
     out = text
     for p in _PUNCT:
         if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
@@ -59,6 +60,7 @@ def _punctuation(text: str) -> str:
 
 
 def _digits_articles(text: str) -> str:
+    """The VQA evaluation's word step: lower-case, number words to digits, drop articles, fix contractions."""
     words = []
     for w in text.lower().split():
         w = _NUMBERS.get(w, w)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..budget import Budget, as_budget
 from ..context import make_context
-from ..criteria.base import Criterion, as_criterion
-from ..errors import ConfigError, StageError
+from ..criteria.base import Criterion, Tags, as_criterion
+from ..errors import ConfigError, IncompatibleComponentsError, StageError
+from ..registry import methods as _method_registry
 from ..selection import Selection
 from ..selectors.base import Selector, as_selector
 
@@ -83,6 +85,7 @@ class Stage:
 
     @property
     def before_llm(self) -> bool:
+        """Whether the stage acts before the LLM (``layer is None``)."""
         return self.layer is None
 
     def layer_for_depth(self, depth: int) -> int | None:
@@ -94,6 +97,7 @@ class Stage:
         return max(1, round(self.layer * depth / self.reference_depth))
 
     def to_config(self) -> dict:
+        """A plain JSON-able dict of the stage (components as their registered configs)."""
         return {
             "objective": None if self.objective is None else self.objective.to_config(),
             "selector": self.selector.to_config(),
@@ -107,6 +111,15 @@ class Stage:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Stage":
+        """Rebuild a stage from :meth:`to_config` output.
+
+        Raises
+        ------
+        ConfigError
+            Not a dict, unknown keys, or components that cannot be rebuilt.
+        BudgetError, StageError
+            Invalid values, as the constructor.
+        """
         if not isinstance(cfg, dict):
             raise ConfigError(f"a stage config is a dict, got {cfg!r}")
         unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
@@ -119,22 +132,43 @@ class Stage:
 class PruningMethod:
     """A pruning method: one or more :class:`Stage` objects, each acting on what earlier ones kept.
 
-    Build one with :func:`tokenprune.compose`, or get a registered one with
-    :func:`tokenprune.get_method`. It round-trips through :meth:`to_config` / :meth:`from_config`.
+    Build one with :func:`tokenprune.compose`, or a registered one with
+    :func:`tokenprune.create_method`. It round-trips through :meth:`to_config` / :meth:`from_config`.
 
-    Attributes
+    Parameters
     ----------
     stages : tuple of Stage
         In application order: before-LLM stages first, then in-LLM stages by increasing layer.
     name : str or None
         The registered name it was built from, if any (informational).
     params : dict
-        The parameters it was built with (informational).
+        The parameters it was built with (informational; not compared).
+    nominal_budget : int, float, Budget or None
+        The budget the method is quoted at (TOPS's ``T``, the ``budget`` a factory was called with),
+        which need not be any stage's budget. ``None`` (default): the last stage's budget, i.e. the
+        stage budget of a single-stage method. Stored as a :class:`~tokenprune.budget.Budget`; not
+        compared (two methods with the same stages select the same tokens).
+
+    Raises
+    ------
+    StageError
+        No stage, more than one before-LLM stage or not first, in-LLM layers not strictly
+        increasing, or in-LLM stages with different ``reference_depth``.
+    BudgetError
+        An invalid ``nominal_budget``.
+
+    Examples
+    --------
+    >>> import tokenprune as tp
+    >>> m = tp.create_method("tops", budget=64)
+    >>> m.nominal_budget.value, [s.budget.value for s in m.stages]
+    (64, [128, 64, 16])
     """
 
     stages: tuple
     name: str | None = None
     params: dict = field(default_factory=dict, compare=False)
+    nominal_budget: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         stages = tuple(self.stages)
@@ -152,6 +186,8 @@ class PruningMethod:
         if order != sorted(set(order)):
             raise StageError(f"in-LLM stages must have strictly increasing layers, got {order}")
         object.__setattr__(self, "stages", stages)
+        nominal = stages[-1].budget if self.nominal_budget is None else as_budget(self.nominal_budget)
+        object.__setattr__(self, "nominal_budget", nominal)
 
     # -- selection core ----------------------------------------------------------------------------
     def select(self, features, *, budget=None, relevance=None, mask=None, stage: int = 0, **signals) -> Selection:
@@ -162,40 +198,121 @@ class PruningMethod:
 
     @property
     def budget(self) -> Budget:
-        """The budget of the last stage (the nominal budget of multi-stage methods)."""
+        """Deprecated: the last stage's budget (not the nominal budget of multi-stage methods).
+
+        Use :attr:`nominal_budget` for the budget a method is quoted at, or ``stages[-1].budget``
+        for the last stage's. Emits :class:`DeprecationWarning`.
+        """
+        warnings.warn("PruningMethod.budget is deprecated: it is the last stage's budget; use "
+                      "PruningMethod.nominal_budget (the budget the method is quoted at) or "
+                      "stages[-1].budget", DeprecationWarning, stacklevel=2)
         return self.stages[-1].budget
 
     @property
+    def stage_tags(self) -> tuple:
+        """Per-stage :class:`~tokenprune.criteria.Tags` (``None`` for an objective-free stage)."""
+        return tuple(None if s.objective is None else s.objective.tags for s in self.stages)
+
+    @property
     def tags(self):
-        obj = self.stages[0].objective
-        return None if obj is None else obj.tags
+        """What holds for the whole method: :class:`~tokenprune.criteria.Tags`, or ``None``.
+
+        A single-stage method gives its objective's tags (``None`` without an objective). For
+        several stages a guarantee (``modular``, ``monotone``, ``submodular``, ``exact_gains``,
+        ``nonincreasing_gains``) holds only if it holds at every stage (an objective-free stage has
+        none), and ``requires`` is the union of the stages' signals; ``None`` if no stage has an
+        objective. See :attr:`stage_tags` for the stages one by one.
+        """
+        per = self.stage_tags
+        if len(per) == 1:
+            return per[0]
+        known = [t for t in per if t is not None]
+        if not known:
+            return None
+        if len(known) < len(per):
+            return Tags(exact_gains=False, requires=frozenset().union(*(t.requires for t in known)))
+        return Tags(modular=all(t.modular for t in per), monotone=all(t.monotone for t in per),
+                    submodular=all(t.submodular for t in per), exact_gains=all(t.exact_gains for t in per),
+                    nonincreasing_gains=all(t.nonincreasing_gains for t in per),
+                    requires=frozenset().union(*(t.requires for t in per)))
 
     def with_budget(self, budget) -> "PruningMethod":
-        """A copy whose single stage keeps ``budget`` tokens (multi-stage methods: rebuild via the registry)."""
+        """A copy that keeps ``budget`` tokens (its nominal budget).
+
+        A single-stage method gets ``budget`` as its stage budget. A multi-stage method is rebuilt by
+        its registered factory with its other parameters unchanged.
+
+        Raises
+        ------
+        StageError
+            A multi-stage method without a registered name.
+        BudgetError
+            An invalid budget.
+        """
         if len(self.stages) != 1:
             if self.name is None:
                 raise StageError("with_budget on a multi-stage method needs the registered method name")
-            from ..api import get_method
-
-            return get_method(self.name, **{**self.params, "budget": budget})
-        return replace(self, stages=(replace(self.stages[0], budget=budget),))
+            params = {**self.params, "budget": budget}
+            return built_as(_method_registry.get(self.name)(**params), self.name, params)
+        return replace(self, stages=(replace(self.stages[0], budget=budget),), nominal_budget=budget)
 
     # -- config --------------------------------------------------------------------------------
     def to_config(self) -> dict:
-        """A plain JSON-able dict."""
+        """A plain JSON-able dict: ``name``, ``params``, ``nominal_budget`` and ``stages``."""
         return {"name": self.name, "params": _jsonable(self.params),
+                "nominal_budget": self.nominal_budget.to_config(),
                 "stages": [s.to_config() for s in self.stages]}
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PruningMethod":
-        """Rebuild a method from :meth:`to_config` output. Raises :class:`ConfigError`."""
+        """Rebuild a method from :meth:`to_config` output (configs without ``nominal_budget`` too).
+
+        A config written before ``nominal_budget`` existed takes it from ``params["budget"]``, or
+        else from the last stage.
+
+        Raises
+        ------
+        ConfigError
+            Not a dict with ``stages``, or an invalid stage.
+        """
         if not isinstance(cfg, dict) or "stages" not in cfg:
             raise ConfigError(f"a method config is a dict with 'stages', got {cfg!r}")
+        params = dict(cfg.get("params") or {})
+        nominal = cfg["nominal_budget"] if "nominal_budget" in cfg else params.get("budget")
         return cls(stages=tuple(Stage.from_config(s) for s in cfg["stages"]), name=cfg.get("name"),
-                   params=dict(cfg.get("params") or {}))
+                   params=params, nominal_budget=nominal)
+
+
+def built_as(method, name: str, params: dict) -> PruningMethod:
+    """Stamp what a registered factory returned with the name and parameters it was built from.
+
+    Parameters
+    ----------
+    method : object
+        The factory's return value.
+    name : str
+        The registered method name.
+    params : dict
+        The keyword arguments the factory was called with (copied).
+
+    Returns
+    -------
+    PruningMethod
+        ``method`` with ``name`` and ``params`` replaced (stages and nominal budget kept).
+
+    Raises
+    ------
+    IncompatibleComponentsError
+        ``method`` is not a :class:`PruningMethod`.
+    """
+    if not isinstance(method, PruningMethod):
+        raise IncompatibleComponentsError(f"method factory {name!r} returned {type(method).__name__}, "
+                                          "not a PruningMethod")
+    return replace(method, name=name, params=dict(params))
 
 
 def _jsonable(v):
+    """``v`` with dicts, sequences, budgets and components turned into JSON-able values (recursive)."""
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

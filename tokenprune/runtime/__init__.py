@@ -6,5 +6,6 @@ The runtime is generic; everything family-specific comes from a
 
 from .report import PruneReport, StageReport
 from .session import PruneSession, prune
+from .vision_cache import VisionCache
 
-__all__ = ["PruneSession", "PruneReport", "StageReport", "prune"]
+__all__ = ["PruneSession", "PruneReport", "StageReport", "VisionCache", "prune"]

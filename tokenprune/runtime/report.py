@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+from ..errors import TokenPruneError
 
 
 @dataclass
@@ -149,5 +149,38 @@ class PruneReport:
         return self.summary()
 
 
-def _as_list(t: torch.Tensor) -> list:
-    return [int(x) for x in t.tolist()]
+def start_report(model, adapter, method) -> PruneReport:
+    """An empty report for ``method`` applied to ``model`` through ``adapter``."""
+    nominal = method.nominal_budget
+    return PruneReport(model_type=str(getattr(model.config, "model_type", "")), adapter=adapter.name,
+                       method=method_config(method), depth=adapter.depth,
+                       nominal_budget=None if nominal is None else nominal.value)
+
+
+def method_config(method) -> dict:
+    """``method.to_config()``, or its name and repr when a component is not registered."""
+    try:
+        return method.to_config()
+    except TokenPruneError:  # unregistered components (ad-hoc selectors in a script or test)
+        return {"name": method.name, "repr": repr(method)}
+
+
+def finish_report(report: PruneReport, state) -> None:
+    """Fill ``report`` from a finished prefill: its stages, tokens per layer, equivalent tokens, time.
+
+    ``state`` is the prompt's :class:`~tokenprune.runtime.state.PromptState`.
+    """
+    report.stages = state.stages
+    depth = report.depth
+    by_layer = {s.layer: s.tokens_after for s in state.stages if s.layer is not None}
+    per_layer = []
+    cur = state.counts_after_pre
+    for li in range(depth):
+        if li in by_layer:
+            cur = by_layer[li]
+        per_layer.append(max(cur) if cur else 0)
+        if cur and min(cur) != max(cur):
+            report.note("samples kept different numbers of visual tokens; tokens_per_layer gives the maximum")
+    report.tokens_per_layer = per_layer
+    report.equivalent_tokens = sum(per_layer) / depth if depth else 0.0
+    report.select_ms = state.select_ms

@@ -8,6 +8,7 @@ from .maxmin import MaxMin
 from .random import Random
 from .spatial import Pooling, WindowTopK
 from .topk import TopK
+from .visionzip import VisionZip, split_budget
 
 __all__ = ["Selector", "greedy_loop", "selector_from_config", "Greedy", "TopK", "DPPMap",
-           "FacilityLocationGreedy", "MaxMin", "Random", "Pooling", "WindowTopK"]
+           "FacilityLocationGreedy", "MaxMin", "Random", "Pooling", "WindowTopK", "VisionZip", "split_budget"]

@@ -3,81 +3,21 @@
 For one sample on the CPU, a greedy step touches only ``O(N)`` numbers, so the cost of a step is
 the per-call overhead of the array library (about 3 µs per torch op against 0.5-1 µs per NumPy
 call). These loops run the same arithmetic as the batched torch paths on zero-copy NumPy views, and
-give the same picks and gains (tests compare them). They are used when ``B == 1`` on the CPU; larger
-batches and GPUs use the batched torch code (no Python loop over samples anywhere).
+give the same picks and gains (tests compare them). They are used when ``B == 1`` on the CPU
+(:func:`use_host`); larger batches and GPUs use the batched torch code (no Python loop over samples
+anywhere). Facility location's loop, which :class:`~tokenprune.criteria.Coverage`'s greedy fast path
+runs, lives with the other shared greedy loops in :mod:`tokenprune.criteria._loops`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..criteria._loops import use_host
+
+__all__ = ["use_host", "dpp_greedy", "max_min"]
+
 TINY = np.float32(1e-30)
-
-
-def use_host(ctx) -> bool:
-    """Whether the NumPy single-sample path applies (one sample, on the CPU)."""
-    return ctx.mask.shape[0] == 1 and ctx.device.type == "cpu"
-
-
-def lazy_facility_location(fq: np.ndarray, first: np.ndarray, valid: np.ndarray, k: int, block: int = 32):
-    """Exact lazy greedy for fixed-point facility location on one sample, evaluating blocks of tokens.
-
-    Parameters
-    ----------
-    fq : int16 ``[N, N]`` fixed-point similarity (row ``i`` covers column ``j`` with ``fq[i, j]``).
-    first : float32 ``[N]`` keys on the empty set (``float32`` of the integer gains).
-    valid : bool ``[N]``.
-    k : picks.
-    block : tokens evaluated in the first round of a step (then 4x more per extra round).
-
-    Returns
-    -------
-    order int64 ``[k]``, keys float32 ``[k]`` (float32 of the exact integer gain at each pick).
-
-    Notes
-    -----
-    ``u`` holds each token's last computed key (an upper bound of its current key: facility location
-    is submodular and float32 rounding is monotone). A round evaluates the ``M`` largest bounds not
-    yet fresh in this step, ``O(M N)`` in three vectorised passes (gather, ``max(F, m)``, row sums;
-    ``Σ_j max(0, F_ij - m_j) = Σ_j max(F_ij, m_j) - Σ_j m_j``). The step ends when the maximum of
-    ``u`` (lowest index among ties) is fresh: no other token can beat or tie it with a lower index,
-    so this is exactly plain greedy's pick.
-    """
-    n = fq.shape[0]
-    m = np.zeros(n, dtype=fq.dtype)
-    msum = np.int32(0)
-    u = np.where(valid, first, -np.inf).astype(np.float32)
-    order = np.empty(k, dtype=np.int64)
-    keys = np.empty(k, dtype=np.float32)
-    neg = np.float32(-np.inf)
-    remaining = int(valid.sum())
-    for t in range(k):
-        if t:
-            stale = u.copy()
-            mb = block
-            while True:
-                if mb < remaining:
-                    cand = np.argpartition(stale, n - mb)[n - mb:]
-                    cand = cand[stale[cand] > neg]  # drop picked, padding and already fresh tokens
-                else:
-                    cand = np.flatnonzero(stale > neg)
-                rows = fq[cand]
-                np.maximum(rows, m, out=rows)
-                u[cand] = rows.sum(1, dtype=np.int32) - msum  # int32 -> float32: the same rounding as torch
-                stale[cand] = neg
-                i = int(u.argmax())
-                if stale[i] == neg:  # fresh
-                    break
-                mb *= 4
-        else:
-            i = int(u.argmax())
-        order[t] = i
-        keys[t] = u[i]
-        u[i] = neg
-        remaining -= 1
-        np.maximum(m, fq[i], out=m)
-        msum = m.sum(dtype=np.int32)
-    return order, keys
 
 
 def dpp_greedy(F: np.ndarray, q: np.ndarray | None, diag: np.ndarray, valid: np.ndarray, k: int,

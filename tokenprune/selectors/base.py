@@ -70,6 +70,8 @@ class Selector(ABC):
         return self._select(objective, ctx, k)
 
     def check_objective(self, objective) -> None:
+        """Raise :class:`~tokenprune.errors.IncompatibleComponentsError` unless this selector can optimise
+        ``objective``."""
         if objective is None and self.needs_objective:
             raise IncompatibleComponentsError(f"{type(self).__name__} needs an objective (a Criterion)")
         if objective is not None and self.objective_types and not isinstance(objective, self.objective_types):
@@ -82,6 +84,7 @@ class Selector(ABC):
         """Select ``k[b]`` (long ``[B]``, ``1 <= k[b] <= valid_b``) tokens in each row."""
 
     def to_config(self) -> dict:
+        """Plain JSON-able dict ``{"name": ..., "params": {...}}``; round-trips through :func:`selector_from_config`."""
         from ..registry import selectors
 
         name = selectors.name_of(self)
@@ -92,6 +95,24 @@ class Selector(ABC):
 
 
 def selector_from_config(cfg) -> Selector:
+    """A selector from a registered name or :meth:`Selector.to_config` output.
+
+    Parameters
+    ----------
+    cfg : str or dict
+        A registered name (built with its defaults) or ``{"name": ..., "params": {...}}``.
+
+    Returns
+    -------
+    Selector
+
+    Raises
+    ------
+    ConfigError
+        Not a name or a dict with a ``name``, or parameters the selector does not take.
+    UnknownNameError
+        No selector of that name.
+    """
     from ..registry import selectors
 
     if isinstance(cfg, str):
@@ -105,6 +126,22 @@ def selector_from_config(cfg) -> Selector:
 
 
 def as_selector(obj) -> Selector:
+    """A selector from a selector, a registered name or a config dict.
+
+    Parameters
+    ----------
+    obj : Selector, str or dict
+        Returned as is, or built by :func:`selector_from_config`.
+
+    Returns
+    -------
+    Selector
+
+    Raises
+    ------
+    IncompatibleComponentsError
+        ``obj`` is of another type.
+    """
     if isinstance(obj, Selector):
         return obj
     if isinstance(obj, (str, dict)):
@@ -116,31 +153,50 @@ def as_selector(obj) -> Selector:
 def greedy_loop(objective: Criterion, ctx: TokenContext, k: torch.Tensor, pick=None) -> Selection:
     """Plain batched greedy: ``K = max(k)`` steps, each adding the candidate with the largest gain.
 
-    ``pick(gains, candidates, step) -> long [B]`` chooses among candidates (default: argmax; ties go
-    to the lowest index). Rows stop once they hold ``k[b]`` tokens. ``O(K)`` calls of
-    ``objective.gains``.
+    The generic loop of :class:`~tokenprune.selectors.Greedy`, exported as a building block for
+    selectors (the one plain-greedy loop of the package).
+
+    Parameters
+    ----------
+    objective : Criterion
+        What to maximise.
+    ctx : TokenContext
+        The tokens.
+    k : torch.Tensor
+        long ``[B]`` picks per row (``1 <= k[b] <= valid_b``); rows stop once they hold ``k[b]``.
+    pick : callable, optional
+        ``pick(gains float [B, N], candidates bool [B, N], step) -> long [B]`` chooses among the
+        candidates (default: argmax; ties go to the lowest index).
+
+    Returns
+    -------
+    Selection
+        Gains are those of each pick when it was added.
+
+    Notes
+    -----
+    ``O(K)`` calls of ``objective.gains``; a step drops its pick from the candidates with one
+    ``scatter_`` (no advanced indexing).
     """
     B, N = ctx.mask.shape
+    device = ctx.device
     K = int(k.max())
+    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
+    all_active_upto = int(k.min())  # steps at which every row is still active
+    cand = ctx.mask.clone()
     state = objective.prepare(ctx)
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
-    order = torch.zeros(B, K, dtype=torch.long, device=ctx.device)
-    gains_out = torch.zeros(B, K, dtype=torch.float32, device=ctx.device)
-    valid = torch.arange(K, device=ctx.device)[None] < k[:, None].to(ctx.device)
-    rows = torch.arange(B, device=ctx.device)
-    neg = torch.tensor(float("-inf"), device=ctx.device)
-    for step in range(K):
-        candidates = ctx.mask & ~chosen
-        g = objective.gains(ctx, state, candidates).float()
+    orders, gains = [], []
+    for t in range(K):
+        active = valid[:, t]
+        g = objective.gains(ctx, state, cand).float()
         if pick is None:
-            idx = torch.where(candidates, g, neg).argmax(1)
+            best, idx = torch.where(cand, g, float("-inf")).max(1)
         else:
-            idx = pick(g, candidates, step)
-        active = valid[:, step]
-        order[:, step] = idx
-        gains_out[:, step] = g[rows, idx]
-        chosen[rows[active], idx[active]] = True
+            idx = pick(g, cand, t)
+            best = g.gather(1, idx[:, None]).squeeze(1)
+        at = idx[:, None]
+        cand.scatter_(1, at, False if t < all_active_upto else ~active[:, None] & cand.gather(1, at))
+        orders.append(idx)
+        gains.append(best)
         state = objective.update(ctx, state, idx, active)
-    return from_order(order, gains_out, valid)
-
-
+    return from_order(torch.stack(orders, 1), torch.stack(gains, 1), valid)

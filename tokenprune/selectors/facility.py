@@ -5,15 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from ..criteria._kernels import coverage_sums, coverage_sums_at, fixed_point_similarity, gather_row
-from ..criteria.coverage import Coverage
+from ..criteria.coverage import Coverage, facility_location_greedy
 from ..registry import selectors
-from ..selection import from_order
-from ._host import lazy_facility_location, use_host
 from .base import Selector
-from .greedy import lazy_greedy_loop
 
 
 @selectors.register("facility_location_greedy")
@@ -44,8 +38,9 @@ class FacilityLocationGreedy(Selector):
     ``O(N²)`` for the fixed-point conversion and the first gains, then ``O(M N)`` per round, after
     the ``O(N² D)`` similarity GEMM: about 3 ms at N = 576, K = 64 and 40-60 ms at N = 2880, K = 192
     on one CPU thread, i.e. 5-6% of the fp32 GEMM at D = 4096 (``benchmarks/results_selectors.txt``).
-    One sample on the CPU runs a NumPy loop (:mod:`tokenprune.selectors._host`); batches and GPUs
-    run the batched torch loop. Padding is never picked.
+    One sample on the CPU runs a NumPy loop; batches and GPUs run the batched torch loop (both in
+    :mod:`tokenprune.criteria._loops`, run by :func:`tokenprune.criteria.coverage.facility_location_greedy`,
+    which ``Greedy(lazy=True)`` on ``Coverage()`` also runs). Padding is never picked.
 
     References
     ----------
@@ -67,45 +62,4 @@ class FacilityLocationGreedy(Selector):
     lazy: bool = True
 
     def _select(self, objective, ctx, k):
-        with torch.no_grad():
-            fq, scale = fixed_point_similarity(ctx)
-            B, N = ctx.mask.shape
-            m = torch.zeros(B, N, dtype=torch.int16, device=ctx.device)
-            first = coverage_sums(fq, m).to(torch.float32)
-
-            def evaluate(index):
-                return coverage_sums_at(fq, index, m).to(torch.float32)
-
-            def commit(picked, active):
-                r = gather_row(fq, picked)
-                if B > 1:
-                    r = torch.where(active[:, None], r, m)
-                torch.maximum(m, r, out=m)
-
-            if self.lazy and use_host(ctx):
-                K = int(k[0])
-                o, kk = lazy_facility_location(fq[0].numpy(), first[0].numpy(), ctx.mask[0].cpu().numpy(), K)
-                order, keys = torch.from_numpy(o)[None], torch.from_numpy(kk)[None]
-                valid = torch.ones(1, K, dtype=torch.bool)
-            elif self.lazy:
-                order, keys, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
-            else:
-                order, keys, valid = _dense_loop(first, lambda: coverage_sums(fq, m).to(torch.float32),
-                                                 commit, ctx.mask, k)
-            return from_order(order, keys / scale, valid)
-
-
-def _dense_loop(first, gains_fn, commit, mask, k):
-    B, N = mask.shape
-    K = int(k.max())
-    valid = torch.arange(K, device=mask.device)[None] < k[:, None].to(mask.device)
-    taken = ~mask
-    orders, keys = [], []
-    for t in range(K):
-        g = first if t == 0 else gains_fn()
-        best, pick = g.masked_fill(taken, float("-inf")).max(1)
-        taken = taken.scatter(1, pick[:, None], True)
-        orders.append(pick)
-        keys.append(best)
-        commit(pick, valid[:, t])
-    return torch.stack(orders, 1), torch.stack(keys, 1), valid
+        return facility_location_greedy(ctx, k, lazy=self.lazy)

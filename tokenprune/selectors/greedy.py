@@ -5,19 +5,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..criteria.coverage import Coverage
+from ..criteria._loops import lazy_greedy_loop
 from ..errors import IncompatibleComponentsError
 from ..registry import selectors
 from ..selection import Selection, from_order
-from .base import Selector
+from .base import Selector, greedy_loop
 
 _NEG = float("-inf")
-#: Candidates re-evaluated in the first round of a lazy-greedy step (4x more per further round).
-LAZY_BLOCK = 16
 
 
 @selectors.register("greedy")
@@ -55,9 +52,11 @@ class Greedy(Selector):
     first ``k`` picks of a run at budget ``K`` are the run at ``k``. Ties go to the lowest index.
     Rows of a batch are independent; padding is never picked.
 
-    Specialised loops with the same picks and gains are used where they exist: lazy greedy on
-    :class:`~tokenprune.criteria.Coverage` runs :class:`FacilityLocationGreedy`, and plain greedy on
-    :class:`~tokenprune.criteria.TOPSObjective` for one sample on the CPU runs its NumPy loop.
+    Specialised loops with the same picks and gains are used where a criterion offers one through
+    :meth:`Criterion.greedy_fast_path <tokenprune.criteria.Criterion.greedy_fast_path>`: lazy greedy
+    on :class:`~tokenprune.criteria.Coverage` runs the loop of :class:`FacilityLocationGreedy`, and
+    plain greedy on :class:`~tokenprune.criteria.TOPSObjective` for one sample on the CPU runs its
+    NumPy loop. Otherwise plain greedy runs :func:`~tokenprune.selectors.greedy_loop`.
 
     References
     ----------
@@ -99,119 +98,33 @@ class Greedy(Selector):
         with torch.no_grad():
             if self.stochastic is not None:
                 return _stochastic_greedy(objective, ctx, k, float(self.stochastic))
-            if self.lazy and type(objective) is Coverage:  # the specialised loop: same picks, faster
-                from .facility import FacilityLocationGreedy
-
-                return FacilityLocationGreedy()._select(objective, ctx, k)
+            fast = objective.greedy_fast_path(ctx, k, lazy=self.lazy)  # same picks, faster
+            if fast is not None:
+                return fast
             if self.lazy:
-                state = [objective.prepare(ctx)]
-                first = objective.gains(ctx, state[0], ctx.mask).float()
-
-                def evaluate(index):
-                    return objective.gains_at(ctx, state[0], index).float()
-
-                def commit(picked, active):
-                    state[0] = objective.update(ctx, state[0], picked, active)
-
-                order, gains, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
-                return from_order(order, gains, valid)
-            fast = getattr(objective, "_greedy_fast", None)  # a criterion's own single-sample loop
-            out = fast(ctx, k) if fast is not None else None
-            if out is not None:
-                order, gains = out
-                return from_order(order, gains, torch.ones(order.shape, dtype=torch.bool))
-            return plain_greedy(objective, ctx, k)
+                return _lazy_greedy(objective, ctx, k)
+            return greedy_loop(objective, ctx, k)
 
 
-def plain_greedy(objective, ctx, k) -> Selection:
-    """Plain batched greedy: ``K`` calls of ``objective.gains``, argmax over the candidates (ties:
-    lowest index). Same picks as :func:`~tokenprune.selectors.base.greedy_loop`, with fewer ops per
-    step (no advanced indexing, one ``scatter_`` to drop the pick)."""
-    B, N = ctx.mask.shape
-    device = ctx.device
-    K = int(k.max())
-    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
-    all_active_upto = int(k.min())
-    cand = ctx.mask.clone()
-    state = objective.prepare(ctx)
-    orders, gains = [], []
-    for t in range(K):
-        active = valid[:, t]
-        g = objective.gains(ctx, state, cand).float()
-        best, pick = torch.where(cand, g, _NEG).max(1)
-        at = pick[:, None]
-        cand.scatter_(1, at, False if t < all_active_upto else ~active[:, None] & cand.gather(1, at))
-        orders.append(pick)
-        gains.append(best)
-        state = objective.update(ctx, state, pick, active)
-    return from_order(torch.stack(orders, 1), torch.stack(gains, 1), valid)
+def _lazy_greedy(objective, ctx, k) -> Selection:
+    """Lazy greedy on any criterion with non-increasing gains, through the criterion protocol."""
+    state = [objective.prepare(ctx)]
+    first = objective.gains(ctx, state[0], ctx.mask).float()
 
+    def evaluate(index):
+        """Current gains of the tokens at ``index``."""
+        return objective.gains_at(ctx, state[0], index).float()
 
-def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, mask: torch.Tensor,
-                     k: torch.Tensor, block: int = LAZY_BLOCK):
-    """Batched lazy greedy over stale upper bounds; exact (same picks as plain greedy, ties included).
+    def commit(picked, active):
+        """Add the picks to the kept set in the active rows."""
+        state[0] = objective.update(ctx, state[0], picked, active)
 
-    Parameters
-    ----------
-    first : torch.Tensor
-        float ``[B, N]`` exact keys (gains) on the empty set.
-    evaluate : callable
-        ``evaluate(index long [B, M]) -> float [B, M]``: the current keys of those tokens. Keys must
-        never increase as picks are committed.
-    commit : callable
-        ``commit(picked long [B], active bool [B])``: add the picks to ``S`` in the active rows.
-    mask : torch.Tensor
-        bool ``[B, N]`` valid tokens.
-    k : torch.Tensor
-        long ``[B]`` picks per row.
-
-    Returns
-    -------
-    order long ``[B, K]``, keys float ``[B, K]`` at each pick, valid bool ``[B, K]``.
-
-    Notes
-    -----
-    ``u`` holds every token's last computed key, an upper bound of its current key. A round
-    re-evaluates, in every row, the ``M`` largest bounds not yet fresh in this step (``M`` = 16, then
-    4x more per extra round). A row is done when its maximum of ``u`` (first maximum: lowest index)
-    is fresh: no other token can beat it or tie it with a lower index, so it is plain greedy's pick.
-    One host sync per round; usually one or two rounds per step.
-    """
-    B, N = mask.shape
-    device = mask.device
-    K = int(k.max())
-    u = first.masked_fill(~mask, _NEG)  # bounds; -inf for padding and picked tokens
-    valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
-    all_active_upto = int(k.min())  # steps at which every row is still active
-    orders, keys = [], []
-    for t in range(K):
-        active = valid[:, t]
-        if t:
-            stale = u.clone()  # -inf marks tokens fresh in this step (or picked, or padding)
-            m = block
-            while True:
-                vals, cand = stale.topk(min(m, N), dim=1, sorted=False)
-                g = evaluate(cand)
-                g = torch.where(vals == _NEG, u.gather(1, cand), g)  # keep picked/padding at -inf
-                u.scatter_(1, cand, g)
-                stale.scatter_(1, cand, _NEG)
-                best, pick = u.max(1)
-                done = stale.gather(1, pick[:, None]).squeeze(1) == _NEG
-                if t >= all_active_upto:
-                    done = done | ~active
-                if m >= N or bool(done.all()):
-                    break
-                m *= 4
-        else:
-            best, pick = u.max(1)
-        u.scatter_(1, pick[:, None], _NEG)
-        orders.append(pick)
-        keys.append(best)
-        commit(pick, active)
-    return torch.stack(orders, 1), torch.stack(keys, 1), valid
+    order, gains, valid = lazy_greedy_loop(first, evaluate, commit, ctx.mask, k)
+    return from_order(order, gains, valid)
 
 
 def _stochastic_greedy(objective, ctx, k, eps: float) -> Selection:
+    """Stochastic greedy: each step takes the best of a seeded uniform sample of the candidates."""
     B, N = ctx.mask.shape
     device = ctx.device
     K = int(k.max())

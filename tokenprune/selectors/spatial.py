@@ -167,6 +167,10 @@ def _window_ids(rows: int, cols: int, r: int, c: int, device):
 
 @functools.lru_cache(maxsize=64)
 def _window_ids_cached(rows: int, cols: int, r: int, c: int, device: str):
+    """Window id and squared distance to its window's centre of every cell of a grid.
+
+    The ``rows x cols`` grid is cut into ``r x c`` windows; distances are in doubled coordinates.
+    """
     y = torch.arange(rows, device=device)
     x = torch.arange(cols, device=device)
     wy, wx = (y * r) // rows, (x * c) // cols  # partition: window i holds y with i <= y r / rows < i + 1

@@ -43,6 +43,10 @@ class TopK(Selector):
             return self._topk(objective, ctx, k)
 
     def _topk(self, objective, ctx, k):
+        """The ``k`` tokens of largest (or smallest) gain on the empty set, in that order.
+
+        The sort is stable: ties go to the lower index.
+        """
         state = objective.prepare(ctx)
         g = objective.gains(ctx, state, ctx.mask).float()
         key = g if self.largest else -g

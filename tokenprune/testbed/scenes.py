@@ -47,7 +47,11 @@ COLORS = {
 }
 COLOR_NAMES = list(COLORS)
 SHAPES = ["circle", "square", "triangle", "cross"]
-FAMILIES = ["color", "shape", "exists", "count", "spatial"]
+#: The question families, in the order tables list them.
+QUESTION_FAMILIES = ["color", "shape", "exists", "count", "spatial"]
+#: Former name of :data:`QUESTION_FAMILIES`, kept as an alias (not to be confused with the model
+#: families of :mod:`tokenprune.testing.tiny_models`).
+FAMILIES = QUESTION_FAMILIES
 COUNT_WORDS = ["0", "1", "2", "3", "4"]
 SIDES = ["left", "right"]
 
@@ -76,6 +80,7 @@ _PHOTOS = None
 
 
 def _photos():
+    """The background photos (scikit-learn's sample images), loaded once."""
     global _PHOTOS
     if _PHOTOS is None:
         from PIL import Image
@@ -115,6 +120,7 @@ def make_backgrounds(n: int, seed: int) -> np.ndarray:
 
 
 def _draw(draw, shape: str, x: int, y: int, s: int, fill) -> None:
+    """Draw one ``shape`` of size ``s`` with its top-left corner at ``(x, y)``."""
     if shape == "circle":
         draw.ellipse([x, y, x + s - 1, y + s - 1], fill=fill)
     elif shape == "square":
@@ -131,6 +137,7 @@ def _draw(draw, shape: str, x: int, y: int, s: int, fill) -> None:
 
 
 def _place(rng, sizes, gap=4, tries=200):
+    """Top-left corners of non-overlapping boxes of ``sizes``, ``gap`` pixels apart (rejection sampling)."""
     boxes = []
     for s in sizes:
         for _ in range(tries):
@@ -294,7 +301,7 @@ def questions_for(rng, scene: Scene, family: str) -> Question | None:
         ref, side, ans = cands[rng.integers(len(cands))]
         c, s = objs[ref]
         return Question(["what", "shape", "is", side, "of", "the", c, s, "?"], shapes[ans], family, [ref, ans])
-    raise ValueError(f"unknown question family {family!r}; expected one of {FAMILIES}")
+    raise ValueError(f"unknown question family {family!r}; expected one of {QUESTION_FAMILIES}")
 
 
 def make_example(rng, backgrounds, family: str) -> tuple:
@@ -347,6 +354,6 @@ def held_out_set(n: int = 1000, seed: int = 12345, limit: int | None = None):
     """
     rng = np.random.default_rng(seed)
     backgrounds = make_backgrounds(300, seed=seed + 1)
-    families = [FAMILIES[i % len(FAMILIES)] for i in range(n)]
+    families = [QUESTION_FAMILIES[i % len(QUESTION_FAMILIES)] for i in range(n)]
     families = [families[i] for i in rng.permutation(n)]
     return [make_example(rng, backgrounds, f) for f in families[:limit]]

@@ -47,16 +47,19 @@ from .model import (add_patch_positions, build_model, build_processor, feature_l
 
 
 def _families(text):
+    """Parse ``--questions``: comma-separated question families, one per question asked of an image."""
     families = tuple(f.strip() for f in text.split(","))
-    unknown = sorted(set(families) - set(S.FAMILIES))
+    unknown = sorted(set(families) - set(S.QUESTION_FAMILIES))
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown question families {unknown}; expected some of {S.FAMILIES}")
+        raise argparse.ArgumentTypeError(f"unknown question families {unknown}; "
+                                         f"expected some of {S.QUESTION_FAMILIES}")
     if not 0 < len(families) <= MAX_Q:
         raise argparse.ArgumentTypeError(f"{len(families)} questions per image; at most {MAX_Q}")
     return families
 
 
 def _layers(text):
+    """Parse comma-separated vision-tower layer indices."""
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -64,6 +67,7 @@ def _layers(text):
 
 
 def parse_args(argv=None):
+    """The training script's command-line options."""
     p = argparse.ArgumentParser(prog="tokenprune testbed train", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=80.0,
                    help="wall-clock training budget (both stages, counted once the data and model are set up)")
@@ -162,8 +166,9 @@ SEQ_LEN = 1 + S.NUM_PATCHES + MAX_Q * MAX_Q_LEN
 
 def multi_batch(rng, backgrounds, n, lo, hi, families=DEFAULT_QUESTIONS):
     """Training batch: ``<s> <image>x196 q1 a1 q2 a2 ...`` right-padded, answer positions, answer ids,
-    each answer's question family (index into ``FAMILIES``, -1 where no question), and for spatial
-    questions the position of the side word and the answer shape (index into ``SHAPES``, else -100)."""
+    each answer's question family (index into ``QUESTION_FAMILIES``, -1 where no question), and for
+    spatial questions the position of the side word and the answer shape (index into ``SHAPES``,
+    else -100)."""
     import torch
 
     batch_scenes = [S.make_scene(rng, backgrounds, lo, hi) for _ in range(n)]
@@ -182,7 +187,7 @@ def multi_batch(rng, backgrounds, n, lo, hi, families=DEFAULT_QUESTIONS):
             ids += [S.WORD_TO_ID[w] for w in q.words]
             answer_pos[i, j] = len(ids) - 1
             answers[i, j] = S.WORD_TO_ID[q.answer]
-            family[i, j] = S.FAMILIES.index(q.family)
+            family[i, j] = S.QUESTION_FAMILIES.index(q.family)
             ids.append(S.WORD_TO_ID[q.answer])
         input_ids[i, : len(ids)] = torch.tensor(ids)
     pv = torch.from_numpy(S.pixel_values(np.stack([s.image for s in batch_scenes])))
@@ -198,7 +203,7 @@ def eval_batches(n, seed):
 
     rng = np.random.default_rng(seed)
     bgs = S.make_backgrounds(200, seed=seed + 1)
-    fams = [S.FAMILIES[i % len(S.FAMILIES)] for i in range(n)]
+    fams = [S.QUESTION_FAMILIES[i % len(S.QUESTION_FAMILIES)] for i in range(n)]
     out = []
     for start in range(0, n, 50):
         ex = [S.make_example(rng, bgs, f) for f in fams[start:start + 50]]
@@ -211,21 +216,25 @@ def eval_batches(n, seed):
             input_ids=input_ids,
             last=torch.tensor([len(x) - 1 for x in ids]),
             labels=torch.tensor([S.WORD_TO_ID[q.answer] for _, q in ex]),
-            family=np.array([S.FAMILIES.index(q.family) for _, q in ex]),
+            family=np.array([S.QUESTION_FAMILIES.index(q.family) for _, q in ex]),
             pixel_values=torch.from_numpy(S.pixel_values(np.stack([sc.image for sc, _ in ex]))),
         ))
     return out
 
 
 def family_tally(hit, family):
-    """Correct answers and questions per family, float64 ``[len(FAMILIES)]`` each (``family`` -1: no question)."""
+    """Correct answers and questions per family, float64 ``[len(QUESTION_FAMILIES)]`` each.
+
+    ``family`` -1 marks an answer slot with no question.
+    """
     asked = family >= 0
-    n = len(S.FAMILIES)
+    n = len(S.QUESTION_FAMILIES)
     return (np.bincount(family[asked], weights=hit[asked], minlength=n),
             np.bincount(family[asked], minlength=n).astype(np.float64))
 
 
 def cosine_lr(frac, base, warm=0.03, floor=0.05):
+    """Learning rate at ``frac`` of training: linear warm-up, then cosine decay to ``floor * base``."""
     if frac < warm:
         return base * max(frac / warm, 0.02)
     f = (frac - warm) / (1 - warm)
@@ -233,6 +242,7 @@ def cosine_lr(frac, base, warm=0.03, floor=0.05):
 
 
 def main(argv=None):
+    """Train the testbed model (both stages) and save the checkpoint; see the module docstring."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -316,8 +326,8 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate():
         model.eval()
-        correct = np.zeros(len(S.FAMILIES))
-        total = np.zeros(len(S.FAMILIES))
+        correct = np.zeros(len(S.QUESTION_FAMILIES))
+        total = np.zeros(len(S.QUESTION_FAMILIES))
         for b in evals:
             b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
             with autocast():
@@ -461,18 +471,18 @@ def main(argv=None):
                                                    b["family"].reshape(-1).cpu().numpy())))
         if step % 20 == 0:
             hits, counts = np.sum([h[1] for h in recent], 0), np.sum([h[2] for h in recent], 0)
-            per = " ".join(f"{f} {h / c:.2f}" for f, h, c in zip(S.FAMILIES, hits, counts) if c)
+            per = " ".join(f"{f} {h / c:.2f}" for f, h, c in zip(S.QUESTION_FAMILIES, hits, counts) if c)
             log(f"stage 2 step {step} answer loss {np.mean([h[0] for h in recent]):.4f} train acc "
                 f"{hits.sum() / counts.sum():.3f} ({per}) lr {opt.param_groups[0]['lr']:.2e}")
         if elapsed() >= next_eval:
             per, acc = evaluate()
             curve.append(dict(minutes=elapsed() / 60, step=step, accuracy=acc, per_family=per.tolist()))
-            log(f"EVAL step {step} accuracy {acc:.3f} " + str(dict(zip(S.FAMILIES, np.round(per, 3)))))
+            log(f"EVAL step {step} accuracy {acc:.3f} " + str(dict(zip(S.QUESTION_FAMILIES, np.round(per, 3)))))
             save(curve)
             next_eval = elapsed() + args.eval_every * 60
     per, acc = evaluate()
     curve.append(dict(minutes=elapsed() / 60, step=step, accuracy=acc, per_family=per.tolist()))
-    log(f"FINAL accuracy {acc:.3f} " + str(dict(zip(S.FAMILIES, np.round(per, 3)))))
+    log(f"FINAL accuracy {acc:.3f} " + str(dict(zip(S.QUESTION_FAMILIES, np.round(per, 3)))))
     save(curve)
     log(f"saved to {args.out}")
 

@@ -5,7 +5,9 @@
   :func:`method_checks` and :func:`parametrize_with_checks` for one pytest test per check.
 - :mod:`tokenprune.testing.strategies`: hypothesis strategies for features, masks, budgets and
   contexts (needs ``hypothesis``, in the ``test`` extra; imported on first use).
-- ``tokenprune.testing.tiny_models``: tiny random-weight models for adapter tests.
+- ``tokenprune.testing.tiny_models``: tiny random-weight models of every model family, for adapter
+  tests and examples (one builder per family, registered with ``@tiny_model_builder``; import it
+  explicitly: it needs transformers).
 """
 
 from .checks import (STANDARD_SIGNALS, ConformanceError, check_criterion, check_method, check_selection,

@@ -49,6 +49,7 @@ class ConformanceError(AssertionError):
 
 
 def _fail(check: str, obj, msg: str):
+    """Raise :class:`ConformanceError` naming the check and the component."""
     raise ConformanceError(f"[{check}] {obj!r}: {msg}")
 
 
@@ -142,6 +143,7 @@ def signals_for(*components) -> frozenset:
 
 
 def _default_signal(B, N, g):
+    """A positive random per-token signal ``[B, N]`` (for relevance-like inputs)."""
     return torch.rand(B, N, generator=g) + 0.05
 
 
@@ -192,6 +194,7 @@ def _rebuild(ctx: TokenContext, *, rows=None, tokens=None, drop=(), dtype=None, 
 
 
 def _scale(*ts) -> float:
+    """The largest finite magnitude among the tensors (at least 1), to scale tolerances."""
     m = 1.0
     for t in ts:
         if t is not None and t.numel():
@@ -219,27 +222,33 @@ def _random_chain(ctx: TokenContext, steps: int, seed: int = 0):
     return picks.to(ctx.device), active.to(ctx.device)
 
 
-def _replay(crit: Criterion, ctx: TokenContext, picks, active):
-    """Gains before each pick along a chain: lists of (gains [B, N] float32, candidates [B, N])."""
+def _walk(crit: Criterion, ctx: TokenContext, picks, active):
+    """Walk ``crit``'s state along a chain of picks.
+
+    Yields ``(state, candidates [B, N])`` before each pick and after the last one; the state is
+    advanced with ``crit.update`` only when the consumer asks for the next step.
+    """
     B, N = ctx.mask.shape
     state = crit.prepare(ctx)
     chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
-    out = []
     rows = torch.arange(B, device=ctx.device)
     for s in range(picks.shape[1] + 1):
-        cand = ctx.mask & ~chosen
-        g = crit.gains(ctx, state, cand)
-        out.append((g, cand))
+        yield state, ctx.mask & ~chosen
         if s == picks.shape[1]:
             break
         idx, act = picks[:, s], active[:, s]
         state = crit.update(ctx, state, idx, act)
         chosen = chosen.clone()
         chosen[rows[act], idx[act]] = True
-    return out
+
+
+def _replay(crit: Criterion, ctx: TokenContext, picks, active):
+    """Gains before each pick along a chain: lists of (gains [B, N] float32, candidates [B, N])."""
+    return [(crit.gains(ctx, state, cand), cand) for state, cand in _walk(crit, ctx, picks, active)]
 
 
 def _chain_len(ctx) -> int:
+    """Picks in a random chain: up to 5, leaving at least one candidate in every row."""
     return max(1, min(5, int(ctx.n_valid.min()) - 1))
 
 
@@ -304,6 +313,7 @@ def check_criterion_signals(crit, ctx):
 
 
 def _drop_extra(ctx, name):
+    """``ctx`` without the extra signal ``name``."""
     return dataclasses.replace(ctx, extra={k: v for k, v in ctx.extra.items() if k != name})
 
 
@@ -346,9 +356,8 @@ def check_criterion_gains_match_evaluate(crit, ctx):
         return
     B, N = ctx.mask.shape
     picks, active = _random_chain(ctx, _chain_len(ctx))
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
-    rows = torch.arange(B, device=ctx.device)
     for s, (g, cand) in enumerate(_replay(crit, ctx, picks, active)):
+        chosen = ctx.mask & ~cand  # the picks so far (always valid tokens)
         base = crit.evaluate(ctx, chosen).float()
         diffs = torch.zeros(B, N)
         for e in range(N):
@@ -363,10 +372,6 @@ def check_criterion_gains_match_evaluate(crit, ctx):
             b, e = divmod(int(err.argmax()), N)
             _fail("gains_match_evaluate", crit, f"after {s} picks, row {b} token {e}: gains() = {float(g[b, e]):.6g} "
                                                 f"but evaluate(S + e) - evaluate(S) = {float(diffs[b, e]):.6g}")
-        if s < picks.shape[1]:
-            idx, act = picks[:, s], active[:, s]
-            chosen = chosen.clone()
-            chosen[rows[act], idx[act]] = True
 
 
 def check_criterion_tags_hold(crit, ctx):
@@ -484,11 +489,7 @@ def check_criterion_gains_at(crit, ctx):
     B, N = ctx.mask.shape
     picks, active = _random_chain(ctx, _chain_len(ctx))
     g = torch.Generator().manual_seed(99)
-    state = crit.prepare(ctx)
-    chosen = torch.zeros(B, N, dtype=torch.bool, device=ctx.device)
-    rows = torch.arange(B, device=ctx.device)
-    for s in range(picks.shape[1] + 1):
-        cand = ctx.mask & ~chosen
+    for s, (state, cand) in enumerate(_walk(crit, ctx, picks, active)):
         full = crit.gains(ctx, state, cand).float()
         # a few candidate positions per row (any valid position; padding rows repeat a valid one)
         w = torch.rand(B, N, generator=g).to(ctx.device).masked_fill(~cand, -1.0)
@@ -502,12 +503,6 @@ def check_criterion_gains_at(crit, ctx):
         if float((part.float() - want).abs().max()) > tol:
             _fail("gains_at", crit, f"gains_at differs from gains().gather after {s} picks "
                                     f"(max diff {float((part.float() - want).abs().max()):.3g})")
-        if s == picks.shape[1]:
-            break
-        idx, act = picks[:, s], active[:, s]
-        state = crit.update(ctx, state, idx, act)
-        chosen = chosen.clone()
-        chosen[rows[act], idx[act]] = True
 
 
 _CRITERION_CHECKS = [
@@ -538,15 +533,16 @@ def criterion_checks(crit: Criterion, *, contexts: Iterable | None = None, signa
         if not needs_ctx:
             out.append((name, functools.partial(fn, crit)))
         elif name in ("signals", "shapes"):
-            out.append((name, functools.partial(_on_all, fn, crit, ctxs)))
+            out.append((name, functools.partial(_on_all, fn, ctxs, crit)))
         else:
-            out.append((name, functools.partial(_on_all, fn, crit, exact)))
+            out.append((name, functools.partial(_on_all, fn, exact, crit)))
     return out
 
 
-def _on_all(fn, obj, ctxs, *args, **kw):
+def _on_all(fn, ctxs, *lead, **kw):
+    """Run ``fn(*lead, ctx, **kw)`` on every context of ``ctxs`` (a check on several contexts)."""
     for ctx in ctxs:
-        fn(obj, ctx, *args, **kw)
+        fn(*lead, ctx, **kw)
 
 
 def check_criterion(crit: Criterion, *, contexts: Iterable | None = None, signals: Mapping | None = None) -> None:
@@ -642,6 +638,7 @@ def check_selection(sel: Selection, ctx: TokenContext, budget, *, who=None, exac
 
 
 def _same(a: Selection, b: Selection, features=True) -> bool:
+    """Whether two selections keep the same tokens (and, with ``features``, close features)."""
     if not (torch.equal(a.indices.cpu(), b.indices.cpu()) and torch.equal(a.valid.cpu(), b.valid.cpu())):
         return False
     if features and (a.features is None) != (b.features is None):
@@ -666,6 +663,7 @@ def _tied(ctx, b, idx_a, idx_b) -> bool:
 
 
 def _budgets_for(ctx) -> list:
+    """Budgets every selector is checked at on ``ctx``: small, half, fractions, all and above all."""
     n = ctx.num_tokens
     return [1, 3, max(1, n // 2), 0.25, 0.5, 1.0, n, n + 4]
 
@@ -683,6 +681,7 @@ def check_selector_is_dataclass(selector, objective=None):
 
 
 def _exact(selector) -> bool:
+    """Whether ``selector`` keeps exactly ``min(budget, valid)`` tokens."""
     return bool(getattr(selector, "exact_budget", True))
 
 
@@ -777,24 +776,19 @@ def selector_checks(selector: Selector, objective: Criterion | None = None, *, c
     if rows_independent is None:
         rows_independent = bool(getattr(selector, "rows_independent", True))
     out = [("is_dataclass", functools.partial(check_selector_is_dataclass, selector)),
-           ("budgets", functools.partial(_on_all2, check_selector_budgets, selector, objective, ctxs)),
+           ("budgets", functools.partial(_on_all, check_selector_budgets, ctxs, selector, objective)),
            ("bad_budgets", functools.partial(check_selector_bad_budgets, selector, objective, ctxs[0])),
-           ("dtypes", functools.partial(_on_all2, check_selector_dtypes, selector, objective, ctxs))]
+           ("dtypes", functools.partial(_on_all, check_selector_dtypes, ctxs, selector, objective))]
     if rows_independent:
-        out.append(("rows_independent", functools.partial(_on_all2, check_selector_rows_independent, selector,
-                                                          objective, ctxs)))
+        out.append(("rows_independent", functools.partial(_on_all, check_selector_rows_independent, ctxs,
+                                                          selector, objective)))
     if prefix:
         # ties make the prefix ambiguous: only on tie-free contexts
-        out.append(("prefix", functools.partial(_on_all2, check_selector_prefix, selector, objective, exact)))
+        out.append(("prefix", functools.partial(_on_all, check_selector_prefix, exact, selector, objective)))
     if reference is not None:
-        out.append(("matches_reference", functools.partial(_on_all2, check_selector_matches, selector, objective,
-                                                           exact, reference=reference)))
+        out.append(("matches_reference", functools.partial(_on_all, check_selector_matches, exact, selector,
+                                                           objective, reference=reference)))
     return out
-
-
-def _on_all2(fn, sel, obj, ctxs, **kw):
-    for ctx in ctxs:
-        fn(sel, obj, ctx, **kw)
 
 
 def check_selector(selector: Selector, objective: Criterion | None = None, *, contexts: Iterable | None = None,
@@ -864,6 +858,7 @@ def check_method_config(method, ctx):
 
 
 def _signals_kw(ctx) -> dict:
+    """``ctx``'s signals as keyword arguments of :meth:`PruningMethod.select`."""
     kw = dict(relevance=ctx.relevance, text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask,
               grid=ctx.grid, seed=ctx.seed)
     kw.update(ctx.extra)
@@ -896,8 +891,8 @@ def method_checks(method, *, contexts: Iterable | None = None, signals: Mapping 
     """The method checks as ``(name, callable)`` pairs (see :func:`check_method`)."""
     objectives = [st.objective for st in method.stages] if hasattr(method, "stages") else []
     ctxs = list(contexts) if contexts is not None else example_contexts(_with_required(signals, *objectives))
-    return [("config", functools.partial(_on_all, check_method_config, method, ctxs)),
-            ("stages", functools.partial(_on_all, check_method_stages, method, ctxs)),
+    return [("config", functools.partial(_on_all, check_method_config, ctxs, method)),
+            ("stages", functools.partial(_on_all, check_method_stages, ctxs, method)),
             ("layers", functools.partial(check_method_layers, method))]
 
 

@@ -54,6 +54,7 @@ def shapes(draw, batch=st.integers(1, 3), tokens=st.integers(1, 24), dim=st.inte
 
 
 def _randn(seed: int, shape, dtype) -> torch.Tensor:
+    """Seeded standard normal values of ``shape``, drawn in float64 and cast to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
 

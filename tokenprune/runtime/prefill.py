@@ -1,0 +1,231 @@
+"""The prefill, before the LLM: find the visual tokens, run the before-LLM stage, rewrite the call.
+
+:class:`PrefillRewriter` runs in the top-level forward pre-hook when a call has no cache yet. It
+locates the visual tokens (``input_ids == image_token_id``), takes the image features ``generate``
+already computed (``mm_encoder_outputs``) or computes them with ``get_image_features``, and starts the
+prompt's :class:`~tokenprune.runtime.state.PromptState`. With a stage before the LLM it selects
+rows and rewrites the call: fewer placeholder tokens in ``input_ids``, ``attention_mask``, ``labels``
+and the adapter's per-token tensors, gathered (or compacted) position ids, and the kept (or merged)
+features in ``mm_encoder_outputs``, in the model's own pooler container. The model code then runs
+unchanged on the shorter prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ShapeError, StageError
+from .state import PromptState, VisualTokens, as_list, gather, max_rows, pad_rows, positions_from_mask
+
+
+class PrefillRewriter:
+    """Rewrites the prefill call of a pruned prompt.
+
+    Parameters
+    ----------
+    plan : Plan
+    adapter : ModelAdapter
+    signals : SignalCapture
+    select : StageSelection
+    report : PruneReport
+    """
+
+    def __init__(self, plan, adapter, signals, select, report):
+        self.plan = plan
+        self.adapter = adapter
+        self.signals = signals
+        self.select = select
+        self.report = report
+
+    def __call__(self, kw: dict):
+        """The rewritten keyword arguments and the prompt's state, or ``None`` to leave the call alone.
+
+        Raises
+        ------
+        StageError
+            ``inputs_embeds`` instead of ``input_ids``, image tokens without pixels or features, [CLS]
+            relevance with precomputed features, or a before-LLM stage the adapter refuses.
+        ShapeError
+            ``input_ids`` not 2-D, or as many feature rows as image tokens missing.
+        """
+        ad = self.adapter
+        self.report.calls += 1
+        ids = kw.get("input_ids")
+        if ids is None:
+            if kw.get("inputs_embeds") is not None:
+                raise StageError("tokenprune finds the visual tokens from input_ids; call the model with input_ids "
+                                 "(and pixel_values or mm_encoder_outputs), not inputs_embeds")
+            return None
+        if ids.dim() != 2:
+            raise ShapeError(f"input_ids must be [B, L], got {tuple(ids.shape)}")
+        img = ids == ad.image_token_id
+        if not bool(img.any()):
+            self.report.note("a prompt had no image tokens: nothing was pruned")
+            return None
+        B, L = ids.shape
+        dev = ids.device
+        mm = kw.get("mm_encoder_outputs")
+        out = mm.get("image") if isinstance(mm, dict) else None
+        if out is None:
+            ikw = ad.image_kwargs(kw)
+            if "pixel_values" not in ikw:
+                raise StageError("the prompt has image tokens but neither pixel_values nor mm_encoder_outputs")
+            ikw["return_dict"] = True
+            out = ad.base.get_image_features(**ikw)
+        rec = self.signals.pop_record(out)
+        pooler = out.pooler_output
+        flat = ad.flatten_features(pooler).to(dev)
+        counts = img.sum(1)
+        if flat.shape[0] != int(counts.sum()):
+            raise ShapeError(f"{int(counts.sum())} image tokens in input_ids but {flat.shape[0]} image feature rows")
+        layout = ad.token_layout(pooler, rec)
+        if self.plan.need_cls and layout.cls is None:
+            raise StageError("relevance='cls_attention' needs the vision tower to run inside the prune() context "
+                             "(pass pixel_values, not precomputed mm_encoder_outputs)")
+
+        new = dict(kw)
+        new.pop("pixel_values", None)  # the features travel in mm_encoder_outputs (the other image kwargs stay)
+        new_mm = dict(mm) if isinstance(mm, dict) else {}
+        new_mm["image"] = out
+        new["mm_encoder_outputs"] = new_mm
+
+        state = PromptState(batch_size=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"),
+                            cache_in=kw.get("past_key_values"))
+        state.visual = self._initial_visual(img, layout, counts)
+        self.report.visual_tokens = as_list(counts)
+        state.counts_after_pre = state.visual.counts()
+        if self.plan.pre_stage is not None:
+            new = self._apply_pre_stage(state, kw, new, ids, img, flat, out, rec)
+        pos = new.get("position_ids")
+        if state.next_pos is None:
+            p = max_rows(pos if pos is not None else ad.full_position_ids(kw, rec))
+            m = state.llm_mask
+            state.next_pos = (p.masked_fill(m == 0, -1) if m is not None else p).amax(1) + 1
+        state.cur_len = state.llm_len
+        state.cur_valid = (state.llm_mask.bool() if state.llm_mask is not None
+                           else torch.ones(B, state.llm_len, dtype=torch.bool, device=dev))
+        if self.plan.llm_stages:
+            ad.check_in_llm_prefill(state.llm_len)
+        self.report.pruned_calls += 1
+        if self.plan.fallback_note:
+            self.report.note(self.plan.fallback_note)
+        return new, state
+
+    def _initial_visual(self, img, layout, counts) -> VisualTokens:
+        """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores."""
+        B = img.shape[0]
+        dev = img.device
+        pos = pad_rows([img[b].nonzero().flatten() for b in range(B)], -1, dev)
+        valid = pos >= 0
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        flat_idx = torch.where(valid, offsets[:, None] + torch.arange(pos.shape[1], device=dev)[None], -1)
+        flat_idx_c = flat_idx.clamp_min(0).cpu()
+        coords = layout.coords[flat_idx_c].to(dev)  # [B, V, 4]
+        coords = coords.masked_fill(~valid[..., None], -1)
+        # image index relative to the sample
+        img_col = coords[..., 0]
+        first = img_col.masked_fill((img_col < 0) | ~valid, 1 << 30).amin(1, keepdim=True)
+        coords[..., 0] = torch.where((img_col >= 0) & valid, img_col - first, img_col)
+        newline = layout.newline[flat_idx_c].to(dev) & valid
+        protected = newline & (self.plan.newlines == "keep")
+        dropped = newline & (self.plan.newlines == "drop")
+        cls = None if layout.cls is None else layout.cls[flat_idx_c].to(dev).masked_fill(~valid, 0.0)
+        orig = torch.where(valid, torch.arange(pos.shape[1], device=dev)[None].expand(B, -1), -1)
+        return VisualTokens(pos=pos.clamp_min(0), valid=valid, orig=orig, protected=protected, dropped=dropped,
+                            coords=coords, cls=cls)
+
+    def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec):
+        """Select before the LLM and shorten the call: ids, masks, per-token tensors, positions, features."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        ad = self.adapter
+        index, stage = self.plan.pre_stage
+        vis = state.visual
+        B, L = ids.shape
+        dev = ids.device
+        V = vis.pos.shape[1]
+        counts = vis.valid.sum(1)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        flat_idx = torch.where(vis.valid, offsets[:, None] + torch.arange(V, device=dev)[None], -1)
+        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), flat_idx, 1, 0.0)  # [B, V, D]
+        relevance, text_emb, text_mask = self.signals.before_llm(index, stage, state, ids, img, feats, kw)
+        keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, None)
+
+        ad.check_pre_llm(as_list(keep_vis.sum(1)))
+        keep_tok = (~img).clone()
+        for b in range(B):
+            keep_tok[b, vis.pos[b][keep_vis[b]]] = True
+        new_lens = keep_tok.sum(1)
+        Lp = int(new_lens.max())
+        am = kw.get("attention_mask")
+        right = am is not None and bool((am[:, -1] == 0).any()) and not bool((am[:, 0] == 0).any())
+        rows = []
+        for b in range(B):
+            r = keep_tok[b].nonzero().flatten()
+            fill = torch.full((Lp - r.numel(),), -1, dtype=torch.long, device=dev)
+            rows.append(torch.cat([r, fill]) if right else torch.cat([fill, r]))
+        idx = torch.stack(rows)  # [B, Lp], -1 = new padding
+        changed = Lp != L or bool((idx < 0).any()) or repl is not None
+        state.pre_changed = changed
+        kept_flat = self._kept_features(feats, keep_vis, repl)
+        # the visual tokens in the new sequence
+        newpos_of_old = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        for b in range(B):
+            newpos_of_old[b, idx[b][idx[b] >= 0]] = torch.arange(int(new_lens[b]), device=dev) + (
+                0 if right else Lp - int(new_lens[b]))
+        state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
+        state.counts_after_pre = state.visual.counts()
+        if not changed:
+            return new
+
+        new["input_ids"] = gather(ids, idx, 1, ad.pad_token_id)
+        if am is not None or bool((idx < 0).any()):
+            base_mask = am if am is not None else torch.ones_like(ids)
+            new_mask = gather(base_mask, idx, 1, 0)
+        else:
+            new_mask = None
+        for key in ("labels",) + tuple(ad.token_keys):
+            t = kw.get(key)
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == L:
+                new[key] = gather(t, idx, 1, -100 if key == "labels" else 0)
+        # positions
+        valid_new = (new_mask.bool() if new_mask is not None else torch.ones(B, Lp, dtype=torch.bool, device=dev))
+        full = ad.full_position_ids(kw, rec)
+        full_max = max_rows(full)
+        orig_next = full_max.masked_fill(am == 0, -1).amax(1) + 1 if am is not None else full_max.amax(1) + 1
+        if ad.mrope or stage.positions == "preserve":
+            pos = torch.stack([gather(p, idx, 1, 0) for p in full]) if full.dim() == 3 else gather(full, idx, 1, 0)
+            gaps = True
+        else:
+            pos = positions_from_mask(valid_new)
+            gaps = False
+        new["position_ids"] = pos
+        pmax = max_rows(pos)
+        state.next_pos = pmax.masked_fill(~valid_new, -1).amax(1) + 1
+        state.shift = orig_next - state.next_pos
+        if new_mask is None and gaps and kw.get("past_key_values") is None:
+            new_mask = torch.ones(B, Lp, dtype=torch.long, device=dev)  # see HF_HOOKS: packed-sequence detection
+        if new_mask is not None or am is not None:
+            new["attention_mask"] = new_mask
+        state.llm_len = Lp
+        state.llm_mask = new_mask
+        mm = dict(new["mm_encoder_outputs"])
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=ad.make_pooler(kept_flat, out.pooler_output))
+        new["mm_encoder_outputs"] = mm
+        if self.plan.compact_note and stage.positions == "compact":
+            self.report.note(self.plan.compact_note)
+        return new
+
+    @staticmethod
+    def _kept_features(feats, keep_vis, repl) -> torch.Tensor:
+        """``[K_total, D]``: the kept (or merged) features of every sample, in prompt order."""
+        kept = []
+        for b in range(feats.shape[0]):
+            sel = keep_vis[b]
+            fb = feats[b][sel]
+            if repl is not None:
+                r, has = repl
+                hb = has[b][sel]
+                fb = torch.where(hb[:, None], r[b][sel].to(fb.dtype), fb)
+            kept.append(fb)
+        return torch.cat(kept, 0)

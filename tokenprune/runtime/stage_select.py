@@ -1,0 +1,151 @@
+"""Running one stage's selection on the visual tokens of a batch, and reporting it.
+
+Shared by both kinds of stages: the before-LLM rewrite and the in-LLM surgery hand over the
+candidates' features and signals; :class:`StageSelection` compacts the candidates of each sample,
+builds a :class:`~tokenprune.TokenContext`, calls the stage's selector on its objective, and maps the
+picks back, appending a :class:`~tokenprune.runtime.StageReport` to the prompt's state.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..context import make_context
+from ..errors import StageError
+from .report import StageReport
+from .state import PromptState, as_list, gather, pad_rows
+
+
+class StageSelection:
+    """Selects among the candidate visual tokens for every stage of a context.
+
+    Parameters
+    ----------
+    plan : Plan
+        Gives each stage's relevance source and the selection seed.
+    report : PruneReport
+        Receives notes and supplies the original visual-token counts.
+    """
+
+    def __init__(self, plan, report):
+        self.plan = plan
+        self.report = report
+
+    def __call__(self, state: PromptState, index: int, stage, feats: torch.Tensor, relevance, text_emb,
+                 text_mask, layer):
+        """Run stage ``index`` on ``state.visual``.
+
+        Parameters
+        ----------
+        feats : torch.Tensor
+            ``[B, V]``-aligned features ``[B, V, D]`` of the visual tokens.
+        relevance : torch.Tensor or None
+            float ``[B, V]``.
+        text_emb, text_mask : torch.Tensor or None
+            ``[B, T, D]`` and bool ``[B, T]``.
+        layer : int or None
+            Where the stage acts (for the report).
+
+        Returns
+        -------
+        (keep, replacement)
+            bool ``[B, V]``: the visual tokens kept (protected ones included); and ``None`` or
+            ``(features [B, V, D], has bool [B, V])`` for selectors that return new features (merging).
+
+        Raises
+        ------
+        StageError
+            An int budget above the candidates an earlier stage left.
+        """
+        vis = state.visual
+        cand = vis.valid & ~vis.protected & ~vis.dropped
+        n = cand.sum(1)
+        first = not state.stages
+        t0 = time.perf_counter()
+        keep = vis.valid & vis.protected
+        repl = None
+        rows_with = (n > 0).nonzero().flatten()
+        budget = stage.budget
+        for b in rows_with.tolist():
+            if not budget.is_fraction and budget.value > int(n[b]) and not first:
+                raise StageError(f"stage {index} keeps {budget.value} tokens but the earlier stage left only "
+                                 f"{int(n[b])} candidate visual tokens (sample {b})")
+        if len(rows_with):
+            # compact the candidates of each row to the front
+            order = [cand[b].nonzero().flatten() for b in range(cand.shape[0])]
+            cidx = pad_rows([order[b] for b in rows_with.tolist()], -1, feats.device)
+            sub = rows_with
+            cmask = cidx >= 0
+            f = gather(feats[sub].detach(), cidx, 1, 0.0)
+            rel = None if relevance is None else gather(relevance[sub].float(), cidx, 1, 0.0)
+            extra = {"coords": gather(vis.coords[sub], cidx, 1, -1).float()}
+            te = None if text_emb is None else text_emb[sub].detach()
+            tm = None if text_mask is None else text_mask[sub]
+            if te is not None and te.shape[1] == 0:
+                te, tm = None, None
+            grid = self.single_grid(state, cidx) if first else None
+            with torch.no_grad():
+                ctx = make_context(f, mask=cmask, relevance=rel, text_embeddings=te, text_mask=tm, grid=grid,
+                                   seed=self.plan.seed + index, **extra)
+                sel = stage.selector.select(stage.objective, ctx, budget)
+            picked = torch.where(sel.valid, torch.gather(cidx, 1, sel.indices.clamp_min(0)), -1)
+            for j, b in enumerate(sub.tolist()):
+                p = picked[j][picked[j] >= 0]
+                keep[b, p] = True
+            if sel.features is not None:
+                repl = self._replacement(vis, sub, picked, sel)
+        ms = (time.perf_counter() - t0) * 1e3
+        state.select_ms += ms
+        if first and len(rows_with) and not budget.is_fraction and budget.value >= int(n[rows_with].max()):
+            self.report.note(f"stage {index} keeps {budget.value} tokens, at least as many as there are "
+                             f"({int(n[rows_with].max())}): it kept them all")
+        kept_vis = keep & vis.valid
+        state.stages.append(self._stage_report(vis, index, layer, budget, relevance, cand, kept_vis, ms))
+        return kept_vis, repl
+
+    @staticmethod
+    def _replacement(vis, sub, picked, sel):
+        """Scatter a selection's new features back onto ``[B, V]``: ``(features, has)``."""
+        repl = torch.zeros(vis.pos.shape[0], vis.pos.shape[1], sel.features.shape[-1],
+                           dtype=sel.features.dtype, device=sel.features.device)
+        has = torch.zeros(vis.pos.shape, dtype=torch.bool, device=vis.pos.device)
+        for j, b in enumerate(sub.tolist()):
+            ok = sel.valid[j]
+            p = picked[j][ok]
+            repl[b, p] = sel.features[j][ok]
+            has[b, p] = True
+        return repl, has
+
+    def _stage_report(self, vis, index, layer, budget, relevance, cand, kept_vis, ms) -> StageReport:
+        """The report of one stage: counts, kept original indices and coordinates, the scores it saw."""
+        rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=self.plan.relevance[index],
+                          tokens_before=vis.counts(), tokens_after=as_list(kept_vis.sum(1)),
+                          protected=as_list((vis.protected & kept_vis).sum(1)), select_ms=ms)
+        n_orig = self.report.visual_tokens
+        for b in range(vis.pos.shape[0]):
+            sc = torch.full((n_orig[b] if b < len(n_orig) else 0,), float("nan"))
+            if relevance is not None:
+                cb = cand[b]
+                sc[vis.orig[b][cb].cpu()] = relevance[b][cb].detach().float().cpu()
+            rep.scores.append(sc)
+            sel_b = kept_vis[b] & ~vis.protected[b]
+            o = vis.orig[b][sel_b]
+            srt = o.argsort()
+            rep.kept.append(o[srt].cpu())
+            rep.coords.append(vis.coords[b][sel_b][srt].cpu())
+        return rep
+
+    @staticmethod
+    def single_grid(state: PromptState, cidx: torch.Tensor):
+        """The ``(rows, cols)`` grid when every sample's candidates are one full image grid, else ``None``."""
+        vis = state.visual
+        if vis.protected.any() or cidx.shape[1] == 0 or (cidx < 0).any():
+            return None
+        c = vis.coords
+        if (c[..., 1] != 0).any() or (c[..., 0] != 0).any() or (c[..., 2] < 0).any():
+            return None
+        rows = int(c[..., 2].max()) + 1
+        cols = int(c[..., 3].max()) + 1
+        return (rows, cols) if rows * cols == cidx.shape[1] else None

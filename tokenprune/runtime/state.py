@@ -1,0 +1,219 @@
+"""Per-prompt state of a pruning context, and the small tensor helpers the runtime shares.
+
+:class:`VisualTokens` says where the visual tokens of a batch are at one point of the forward and
+what is known about them; :class:`PromptState` follows one pruned prompt from its prefill through its
+decoding steps. Both are plain containers: the runtime's parts (prefill rewrite, layer surgery,
+decode mapping, signal capture) read and update them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, fields
+
+import torch
+
+#: The two phases a forward call of a pruned prompt can be in.
+PREFILL, DECODE = "prefill", "decode"
+
+
+def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
+    """Gather ``t`` along ``dim`` with per-sample indices.
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        ``[B or 1, ...]``; a batch dimension of 1 is broadcast to ``B``.
+    idx : torch.Tensor
+        long ``[B, L']``: indices along ``dim``; ``-1`` marks a hole, filled with ``fill``.
+    dim : int
+        The dimension gathered (``>= 1``).
+    fill : scalar
+        Value written at the holes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``t`` with ``dim`` of size ``L'``, same dtype and device.
+    """
+    B = idx.shape[0]
+    if t.shape[0] != B:
+        t = t.expand(B, *t.shape[1:])
+    safe = idx.clamp_min(0)
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = B, idx.shape[1]
+    size = list(t.shape)
+    size[dim] = idx.shape[1]
+    out = torch.gather(t, dim, safe.view(shape).expand(size))
+    if (idx < 0).any():
+        holes = (idx < 0).view(shape).expand(size)
+        out = out.masked_fill(holes, fill)
+    return out
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """long ``[B, L]``: consecutive positions of the valid (non-zero) entries of a 2-D mask, 0 at padding."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)
+
+
+def pad_rows(rows: list, fill, device, dtype=torch.long) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into ``[len(rows), max length]``, right-padded with ``fill``."""
+    n = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), n), fill, dtype=dtype, device=device)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, : len(r)] = r
+    return out
+
+
+def max_rows(pos: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` positions to take maxima over.
+
+    1-D position ids are returned as they are; M-RoPE ids (``[3 or 4, B, L]``) give the largest of the
+    ``(t, h, w)`` rows (``generate``'s 4-row ids start with a plain text row, which is skipped).
+    """
+    if pos.dim() == 3:
+        return (pos[1:] if pos.shape[0] == 4 else pos).amax(0)
+    return pos
+
+
+def bind_arguments(function, args, kwargs) -> dict:
+    """A call's arguments by parameter name, with ``**kwargs`` flattened in."""
+    try:
+        bound = dict(inspect.signature(function).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        bound = dict(kwargs)
+    extra = bound.pop("kwargs", None)
+    if isinstance(extra, dict):
+        bound.update(extra)
+    return bound
+
+
+def as_list(t: torch.Tensor) -> list:
+    """A 1-D integer tensor as a list of Python ints."""
+    return [int(x) for x in t.tolist()]
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens of a batch at one point of the forward, padded per sample.
+
+    Attributes
+    ----------
+    pos : torch.Tensor
+        long ``[B, V]``: positions in the current sequence (ascending in each row).
+    valid : torch.Tensor
+        bool ``[B, V]``: real entries (the rest is padding).
+    orig : torch.Tensor
+        long ``[B, V]``: index among the sample's original visual tokens (``-1`` at padding).
+    protected : torch.Tensor
+        bool ``[B, V]``: always kept, not candidates (``newlines="keep"``).
+    dropped : torch.Tensor
+        bool ``[B, V]``: removed by the first stage without being candidates (``newlines="drop"``).
+    coords : torch.Tensor
+        long ``[B, V, 4]``: ``(image, crop, row, col)``, ``-1`` unknown.
+    cls : torch.Tensor or None
+        float32 ``[B, V]``: the vision tower's [CLS] (or mean) attention, when captured.
+    """
+
+    pos: torch.Tensor
+    valid: torch.Tensor
+    orig: torch.Tensor
+    protected: torch.Tensor
+    dropped: torch.Tensor
+    coords: torch.Tensor
+    cls: torch.Tensor | None
+
+    def take(self, keep: torch.Tensor, new_pos: torch.Tensor) -> "VisualTokens":
+        """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions."""
+        rows = [keep[b].nonzero().flatten() for b in range(keep.shape[0])]
+        idx = pad_rows(rows, -1, keep.device)
+        valid = idx >= 0
+        g = lambda t, fill=0: gather(t, idx, 1, fill)  # noqa: E731
+        coords = gather(self.coords, idx, 1, -1) if idx.numel() else self.coords[:, :0]
+        return VisualTokens(pos=g(new_pos), valid=valid, orig=g(self.orig, -1),
+                            protected=g(self.protected, False) & valid, dropped=torch.zeros_like(valid),
+                            coords=coords, cls=None if self.cls is None else g(self.cls, 0.0))
+
+    def counts(self) -> list:
+        """Visual tokens per sample."""
+        return as_list(self.valid.sum(1))
+
+    def to(self, device) -> "VisualTokens":
+        """A copy on ``device``."""
+        return VisualTokens(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                               for f in fields(self)})
+
+
+@dataclass
+class PromptState:
+    """One pruned prompt, from its prefill through its decoding steps.
+
+    The prefill fills it in order: the before-LLM rewrite sets the sequence that enters the LLM
+    (``llm_*``), the layer surgery follows the sequence through the decoder (``cur_*``, ``group*``),
+    and the decode mapper reads what the prefill left (``next_pos``, ``shift``, ``layer_group``).
+    """
+
+    batch_size: int
+    #: Prompt length as given.
+    orig_len: int
+    #: Prompt length entering the LLM.
+    llm_len: int = 0
+    #: ``[B, llm_len]`` 2-D mask passed to the model (``None``: none was passed).
+    llm_mask: torch.Tensor | None = None
+    #: The before-LLM stage changed the prompt.
+    pre_changed: bool = False
+    #: long ``[B]``: next position after the prompt (decoding without explicit positions).
+    next_pos: torch.Tensor | None = None
+    #: long ``[B]``: original minus passed positions (``positions="compact"`` before the LLM).
+    shift: torch.Tensor | None = None
+    visual: VisualTokens | None = None
+    #: Sequence length at the current decoder layer (prefill).
+    cur_len: int = 0
+    #: bool ``[B, cur_len]``.
+    cur_valid: torch.Tensor | None = None
+    #: long ``[B, cur_len]``: indices into the LLM-entry sequence.
+    group: torch.Tensor | None = None
+    #: long ``[B, cur_len]``: compacted positions (``None``: gathered from the originals).
+    group_pos: torch.Tensor | None = None
+    group_shift: torch.Tensor | None = None
+    #: long ``[B, llm_len]``: 1-D positions entering the LLM.
+    llm_pos: torch.Tensor | None = None
+    #: decoder layer -> ``(group, group_shift or None)`` it ran with, for decoding.
+    layer_group: dict = field(default_factory=dict)
+    #: decoder layer -> ``{signal name: float32 [B, cur_len or V]}`` captured there.
+    captures: dict = field(default_factory=dict)
+    #: The :class:`~tokenprune.runtime.StageReport` of each stage run so far.
+    stages: list = field(default_factory=list)
+    #: Visual tokens per sample after the before-LLM stage (or as given).
+    counts_after_pre: list | None = None
+    done_layers: set = field(default_factory=set)
+    select_ms: float = 0.0
+    #: Keys and values in the unpruned layers' cache at the current decoding step.
+    decode_kv: int = 0
+    #: The (empty) cache the prefill was given, if any.
+    cache_in: object = None
+
+    _PER_TOKEN = ("llm_mask", "cur_valid", "group", "group_pos", "group_shift", "llm_pos", "next_pos", "shift")
+
+    def llm_valid(self) -> torch.Tensor:
+        """bool ``[B, llm_len]``: the real tokens of the sequence that entered the LLM."""
+        if self.llm_mask is not None:
+            return self.llm_mask.bool()
+        return torch.ones(self.batch_size, self.llm_len, dtype=torch.bool, device=self.llm_pos.device)
+
+    def llm_mask_like(self, am: torch.Tensor) -> torch.Tensor:
+        """The LLM-entry 2-D mask in the dtype and device of ``am`` (all ones when none was passed)."""
+        if self.llm_mask is not None:
+            return self.llm_mask.to(am.dtype)
+        return torch.ones(self.batch_size, self.llm_len, dtype=am.dtype, device=am.device)
+
+    def move_to(self, device) -> None:
+        """Move the per-token state to ``device`` (decoder layers spread over several devices)."""
+        for name in self._PER_TOKEN:
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor):
+                setattr(self, name, t.to(device))
+        self.visual = self.visual.to(device)
+        self.captures = {k: {n: t.to(device) for n, t in d.items()} for k, d in self.captures.items()}
