@@ -69,3 +69,26 @@ def test_random_recall_matches_kept_patches(setup):
         kept = report.stages[0].kept[i].numpy()
         np.testing.assert_array_equal(np.sort(info["kept_pre_llm"][i]), np.sort(kept))
     assert info["stages"] == [("before LLM", None, 30.0)]
+
+
+def test_shared_vision_side_gives_the_records_of_recomputing_it(setup):
+    """The vision cache changes nothing but the time: full records equal, bit for bit, for methods
+    reading [CLS] attention, the features only, the LLM's attention, and the unpruned model."""
+    from tokenprune.evaluation.report import make_records
+
+    model, proc, exs = setup
+    methods, budgets = ["fastervlm", "divprune", "fastv", "tops"], [12, 0.5]
+    runs = {}
+    for cached in (False, True):
+        ev = Evaluator(model, proc, exs, batch_size=4, progress=False, vision_cache=cached)
+        runs[cached] = (ev, make_records(ev.run_all(methods, budgets, seed=1)))
+    timing = ("prefill_ms", "speedup", "selection_ms")
+    strip = [[{k: v for k, v in r.items() if k not in timing} for r in recs] for _, recs in runs.values()]
+    assert strip[0] == strip[1]
+    stats = runs[True][0].vision_cache.stats()
+    # 3 batches plus the warm-up slice: computed by the unpruned run, then once more by the first
+    # context that needs [CLS] attention (fastervlm), which adds it to the same entries; no later
+    # configuration computes anything
+    calls = (1 + len(methods) * len(budgets)) * 4
+    assert stats["entries"] == 4 and stats["misses"] == 8 and stats["hits"] == calls - 8
+    assert runs[False][0].vision_cache is None

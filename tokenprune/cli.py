@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the testbed's evidence oracle (keeps each question's evidence patches first) at "
                         "every budget, as a reference; needs data with evidence")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    e.add_argument("--no-vision-cache", action="store_true",
+                   help="recompute the vision tower in every configuration (default: once per batch of images, "
+                        "shared by every configuration; the results are identical)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="one image, one question: answers, tokens per stage, timings, overlay picture")
@@ -167,7 +170,7 @@ def cmd_eval(args) -> int:
     testbed = _is_testbed_processor(processor)
     max_new = args.max_new_tokens or (1 if testbed else 16)
     ev = Evaluator(model, processor, examples, batch_size=args.batch_size, max_new_tokens=max_new,
-                   prompt=args.prompt, progress=not args.no_progress)
+                   prompt=args.prompt, progress=not args.no_progress, vision_cache=not args.no_vision_cache)
     ev.prepare()
     print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
           f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
@@ -195,12 +198,16 @@ def cmd_eval(args) -> int:
     print(format_tables(records))
     print("\nEvidence recall: share of each question's evidence patches kept by the pre-LLM stage; in "
           "brackets, for methods that prune only inside the LLM, by their first stage. Prefill: ms per "
-          "question (vision tower, selection and LLM prefill; median over batches).")
+          "question (vision tower, selection and LLM prefill, median over batches; vision work shared across "
+          "configurations counts in each).")
+    timing = _timing(results, ev)
+    print(f"\n{timing['text']}")
     print(f"Wall time {wall:.1f} s.")
     if args.output:
         meta = dict(model=model_label, data=data_label, n=len(examples), methods=methods, budgets=budgets,
                     seed=args.seed, batch_size=args.batch_size, max_new_tokens=max_new,
-                    n_image_tokens=ev.n_image_tokens, wall_s=round(wall, 1), torch=torch.__version__,
+                    n_image_tokens=ev.n_image_tokens, wall_s=round(wall, 1), config_wall_s=timing["configs"],
+                    vision=timing["vision"], torch=torch.__version__,
                     transformers=__import__("transformers").__version__, threads=torch.get_num_threads(),
                     machine=platform.machine(), python=platform.python_version())
         path = write_json(records, args.output, meta=meta)
@@ -210,6 +217,32 @@ def cmd_eval(args) -> int:
         path = plot_records(records, args.plot, title=f"{name}: {len(examples)} questions")
         print(f"Saved the plot to {path}")
     return 0
+
+
+def _timing(results, ev) -> dict:
+    """Where the time went: wall seconds per configuration and of the shared vision work.
+
+    Returns ``{"configs": {"method@budget": s}, "vision": {...} or None, "text": str}``.
+    """
+    from .evaluation.runner import budget_label
+
+    configs = {f"{r.method}@{budget_label(r.budget)}": round(r.wall_s, 2) for r in results if r.wall_s is not None}
+    by_method: dict = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(f"{r.wall_s:.1f}")
+    lines = ["Wall time per configuration (s; per method, in budget order): "
+             + "; ".join(f"{m} {'/'.join(ts)}" for m, ts in by_method.items()) + "."]
+    vision = None
+    if ev.vision_cache is not None:
+        st = ev.vision_cache.stats()
+        vision = {"computed_s": round(st["compute_ms"] / 1e3, 2), "reused_s": round(st["saved_ms"] / 1e3, 2),
+                  "hits": st["hits"], "misses": st["misses"], "entries": st["entries"], "bytes": st["bytes"]}
+        lines.append(f"Vision side (tower, projector, vision signals): computed once per batch in "
+                     f"{vision['computed_s']:.1f} s ({st['misses']} computations), reused {st['hits']} times "
+                     f"(saving about {vision['reused_s']:.1f} s).")
+    else:
+        lines.append("Vision side recomputed in every configuration (--no-vision-cache).")
+    return {"configs": configs, "vision": vision, "text": "\n".join(lines)}
 
 
 def cmd_run(args) -> int:

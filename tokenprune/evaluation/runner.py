@@ -16,8 +16,10 @@ import numpy as np
 
 from .. import registry
 from ..budget import Budget, parse_budget
+from ..errors import ConfigError
 from ..methods.build import accepted_parameters, create_method
 from ..methods.compose import PruningMethod
+from ..runtime import VisionCache, prune
 from .data import load_image
 from .models import build_prompt, image_grid, num_image_tokens
 from .vqa import vqa_accuracy
@@ -119,6 +121,7 @@ class ConfigResult:
     recall_first_stage: np.ndarray | None = None
     first_stage_label: str | None = None
     selection_ms: float | None = None
+    wall_s: float | None = None
 
     @property
     def accuracy(self) -> float:
@@ -192,6 +195,13 @@ class Evaluator:
         Prompt template with ``{question}`` (see :func:`build_prompt`).
     progress : bool
         Show a tqdm progress bar.
+    vision_cache : bool or VisionCache
+        Share the vision side across configurations (default ``True``: a
+        :class:`~tokenprune.VisionCache` bounded by ``cache_bytes``): the vision tower, projector and
+        vision signals run once per batch of images, and every configuration, the unpruned one
+        included, reuses them. Results are identical to recomputing them. ``False`` recomputes them
+        in every configuration; a :class:`~tokenprune.VisionCache` instance is used as given (and can
+        be shared between evaluators of the same model).
     cache_bytes : int
         Keep the processor's output for every batch when it fits in this many bytes (default 2 GiB;
         the testbed's 1,000 questions take about 0.6 GB); otherwise re-encode each batch when used.
@@ -199,13 +209,16 @@ class Evaluator:
     Notes
     -----
     The processor runs once per batch and its output is reused by every configuration (see
-    ``cache_bytes``). Latency is
+    ``cache_bytes``), and so is the vision side (see ``vision_cache``). Latency is
     the wall time of the prefill forward (vision tower, selection and LLM prefill), divided by the
-    batch size, median over batches, after one untimed warm-up forward per configuration.
+    batch size, median over batches, after one untimed warm-up forward per configuration. With the
+    shared vision side, the time the vision work took when it was computed is added to the prefill of
+    every configuration that reused it, so the latency keeps its meaning (vision included).
     """
 
     def __init__(self, model, processor, examples, *, batch_size: int = 100, max_new_tokens: int = 1,
-                 prompt: str | None = None, progress: bool = True, cache_bytes: int = 2 << 30):
+                 prompt: str | None = None, progress: bool = True, cache_bytes: int = 2 << 30,
+                 vision_cache=True):
         if not examples:
             raise ValueError("no examples to evaluate")
         if batch_size < 1:
@@ -225,6 +238,13 @@ class Evaluator:
         self.n_image_tokens = None
         self._bar = None
         self._seed = 0
+        if vision_cache is True:
+            vision_cache = VisionCache(max_bytes=self.cache_bytes)
+        elif vision_cache is False or vision_cache is None:
+            vision_cache = None
+        elif not isinstance(vision_cache, VisionCache):
+            raise ConfigError(f"vision_cache must be True, False or a VisionCache, got {type(vision_cache).__name__}")
+        self.vision_cache = vision_cache
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -278,13 +298,20 @@ class Evaluator:
         return self.model(**inputs, logits_to_keep=1)
 
     def _answer(self, inputs):
-        """Decoded answers and the prefill wall time (s) of one batch."""
+        """Decoded answers and the prefill wall time (s) of one batch.
+
+        Vision work reused from the vision cache during the prefill counts with the time it took
+        when it was computed, so the prefill time includes the vision side in every configuration.
+        """
         tok = self.processor.tokenizer
+        saved0 = self.vision_cache.saved_ms if self.vision_cache is not None else 0.0
         self._sync()
         t0 = time.perf_counter()
         out = self._prefill(inputs)
         self._sync()
         dt = time.perf_counter() - t0
+        if self.vision_cache is not None:
+            dt += (self.vision_cache.saved_ms - saved0) / 1e3
         if self.max_new_tokens == 1:
             ids = out.logits[:, -1].argmax(-1)[:, None]
         else:
@@ -295,13 +322,13 @@ class Evaluator:
 
     @contextlib.contextmanager
     def _pruned(self, method):
-        """The seam where pruning plugs in: ``tokenprune.prune`` around the model calls."""
+        """The seam where pruning plugs in: ``tokenprune.prune`` around the model calls (unpruned:
+        only the vision cache, when there is one)."""
         if method is None:
-            yield None
+            with self.vision_cache.attach(self.model) if self.vision_cache is not None else contextlib.nullcontext():
+                yield None
             return
-        from ..runtime import prune
-
-        with prune(self.model, method, seed=self._seed) as report:
+        with prune(self.model, method, seed=self._seed, vision_cache=self.vision_cache) as report:
             yield report
 
     def run(self, method=None, *, name: str = "none", budget=None, seed: int = 0) -> ConfigResult:
@@ -320,6 +347,7 @@ class Evaluator:
         import torch
 
         batches = self.prepare()
+        t_start = time.perf_counter()
         torch.manual_seed(seed)
         self._seed = seed
         scores, preds, fams, times = [], [], [], []
@@ -366,6 +394,7 @@ class Evaluator:
             recall_first_stage=np.asarray(recall_first, dtype=np.float64),
             first_stage_label=first_label,
             selection_ms=float(np.median(sel_ms)) if sel_ms else None,
+            wall_s=time.perf_counter() - t_start,
         )
 
     def run_all(self, methods, budgets, *, seed: int = 0, baseline: bool = True, references=None) -> list:

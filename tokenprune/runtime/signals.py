@@ -21,6 +21,7 @@ from ..adapters.base import VisionRecord
 from ..criteria.relevance import cosine_to_text
 from ..errors import StageError
 from . import attention as attn
+from .vision_cache import call_arguments
 from .state import PromptState, bind_arguments, gather, pad_rows
 
 
@@ -77,7 +78,7 @@ class SignalCapture:
         if self.vision_cache is None:
             out, cls = compute()
         else:
-            out, cls = self.vision_cache.fetch(self.adapter.model, bound, compute, kind)
+            out, cls = self.vision_cache.fetch(self.adapter.model, call_arguments(orig, args, kwargs), compute, kind)
         while len(self._records) >= self.MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
         try:

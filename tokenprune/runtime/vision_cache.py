@@ -12,6 +12,7 @@ contexts (``tokenprune.prune(..., vision_cache=cache)``) and to unpruned calls
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 import weakref
 from collections import OrderedDict
@@ -21,7 +22,6 @@ import torch
 
 from ..errors import TokenPruneError
 from .hookset import HookSet
-from .state import bind_arguments
 
 #: Signal kinds a cache entry can hold besides the output.
 SIGNAL_KINDS = ("cls", "mean")
@@ -50,6 +50,24 @@ def _nbytes(obj) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def call_arguments(function, args, kwargs) -> dict:
+    """A call's arguments by parameter name, with the function's defaults filled in.
+
+    Two calls that differ only in passing a default explicitly (the model's forward passes
+    ``vision_feature_layer=None``, the pruning runtime leaves it out) get the same key.
+    """
+    try:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        out = dict(bound.arguments)
+    except (TypeError, ValueError):
+        out = dict(kwargs)
+    extra = out.pop("kwargs", None)
+    if isinstance(extra, dict):
+        out.update(extra)
+    return out
 
 
 def _flatten(arguments: dict) -> dict:
@@ -167,10 +185,18 @@ class VisionCache:
                 sum(p._version for p in params))
 
     def key(self, model, arguments: dict) -> tuple:
-        """The lookup key of a ``get_image_features`` call of ``model`` with ``arguments`` (flattened, by name)."""
+        """The lookup key of a ``get_image_features`` call of ``model`` with ``arguments`` (flattened, by name).
+
+        An argument left at ``None`` that names an attribute of ``model.config`` (``vision_feature_layer``,
+        ``vision_feature_select_strategy``) stands for that attribute, as in transformers' models, so a call
+        that passes the config's value explicitly gets the same key.
+        """
+        config = getattr(model, "config", None)
         parts = []
         for name in sorted(arguments):
             v = arguments[name]
+            if v is None and config is not None and name in getattr(config, "__dict__", {}):
+                v = getattr(config, name)
             parts.append((name, _fingerprint(v) if isinstance(v, torch.Tensor) else repr(v)))
         return self._model_key(model) + tuple(parts)
 
@@ -219,7 +245,7 @@ class VisionCache:
         model : torch.nn.Module
             The model whose vision side is called (part of the key).
         arguments : dict
-            The call's arguments by name.
+            The call's arguments by name, defaults filled in (:func:`call_arguments`).
         compute : callable
             ``compute() -> (output, signal or None)``: runs the call (with the capture of
             ``signal_kind`` on, if one is asked for).
@@ -279,7 +305,7 @@ class VisionCache:
         ``compute`` overrides how a miss is computed (it must return ``(output, signal)``); by default
         the call runs as it is, without a signal.
         """
-        arguments = bind_arguments(original, args, kwargs)
+        arguments = call_arguments(original, args, kwargs)
         if compute is None:
             def compute():
                 return original(*args, **kwargs), None
