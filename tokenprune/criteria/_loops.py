@@ -25,6 +25,24 @@ _NEG = float("-inf")
 LAZY_BLOCK = 16
 
 
+def rank_keys(gains: torch.Tensor) -> torch.Tensor:
+    """Gains as selection keys: NaN and ``-inf`` become the lowest finite value of the dtype.
+
+    The loops mark picked tokens and padding with ``-inf``; a candidate whose gain is ``-inf`` (a
+    relevance over an empty text, a plugin's gain) or NaN must still rank above them, or a step would
+    pick an already picked token again. Finite gains (and ``+inf``) are unchanged, so selections on
+    finite gains are exactly those of the plain argmax; among such candidates ties go to the lowest
+    index. ``O(B N)``.
+    """
+    low = torch.finfo(gains.dtype).min
+    return torch.nan_to_num(gains, nan=low, neginf=low, posinf=float("inf"))
+
+
+def reported_gains(keys: torch.Tensor) -> torch.Tensor:
+    """Keys back as gains: the lowest finite value (a NaN or ``-inf`` gain, see :func:`rank_keys`) is ``-inf``."""
+    return keys.masked_fill(keys == torch.finfo(keys.dtype).min, _NEG)
+
+
 def use_host(ctx) -> bool:
     """Whether the single-sample NumPy paths apply: one sample, on the CPU.
 
@@ -75,7 +93,7 @@ def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, 
     B, N = mask.shape
     device = mask.device
     K = int(k.max())
-    u = first.masked_fill(~mask, _NEG)  # bounds; -inf for padding and picked tokens
+    u = rank_keys(first).masked_fill(~mask, _NEG)  # bounds; -inf for padding and picked tokens
     valid = torch.arange(K, device=device)[None] < k[:, None].to(device)
     all_active_upto = int(k.min())  # steps at which every row is still active
     orders, keys = [], []
@@ -86,7 +104,7 @@ def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, 
             m = block
             while True:
                 vals, cand = stale.topk(min(m, N), dim=1, sorted=False)
-                g = evaluate(cand)
+                g = rank_keys(evaluate(cand))
                 g = torch.where(vals == _NEG, u.gather(1, cand), g)  # keep picked/padding at -inf
                 u.scatter_(1, cand, g)
                 stale.scatter_(1, cand, _NEG)
@@ -101,7 +119,7 @@ def lazy_greedy_loop(first: torch.Tensor, evaluate: Callable, commit: Callable, 
             best, pick = u.max(1)
         u.scatter_(1, pick[:, None], _NEG)
         orders.append(pick)
-        keys.append(best)
+        keys.append(reported_gains(best))
         commit(pick, active)
     return torch.stack(orders, 1), torch.stack(keys, 1), valid
 
@@ -133,11 +151,11 @@ def dense_greedy_loop(first: torch.Tensor, keys_fn: Callable, commit: Callable, 
     taken = ~mask
     orders, keys = [], []
     for t in range(K):
-        g = first if t == 0 else keys_fn()
+        g = rank_keys(first if t == 0 else keys_fn())
         best, pick = g.masked_fill(taken, _NEG).max(1)
         taken = taken.scatter(1, pick[:, None], True)
         orders.append(pick)
-        keys.append(best)
+        keys.append(reported_gains(best))
         commit(pick, valid[:, t])
     return torch.stack(orders, 1), torch.stack(keys, 1), valid
 

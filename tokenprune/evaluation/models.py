@@ -141,3 +141,44 @@ def num_image_tokens(inputs, model) -> int:
     if image_id is None:
         image_id = getattr(model.config, "image_token_index", None)
     return int((inputs["input_ids"][0] == image_id).sum())
+
+
+def with_generation_positions(model, inputs: dict) -> dict:
+    """``inputs`` plus the ``position_ids`` that ``generate`` would build for them.
+
+    A plain forward on a left-padded batch numbers the positions from the first column, padding
+    included, so a sample's positions depend on how much padding the batch gave it; ``generate``
+    numbers each sample's real tokens from 0 (from the attention mask; M-RoPE models build their 3-D
+    positions the same way). A scoring forward must see what ``generate`` sees, or its answers (and
+    methods that rank post-RoPE keys, such as DART) change with the batch composition.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model; its own ``_prepare_position_ids_for_generation`` is used when it has one.
+    inputs : dict
+        Processor output with ``input_ids`` and ``attention_mask``.
+
+    Returns
+    -------
+    dict
+        A new dict; ``inputs`` itself when it already has ``position_ids`` or no ``attention_mask``,
+        or when the model's forward takes no ``position_ids``.
+    """
+    import inspect
+
+    import torch
+
+    mask = inputs.get("attention_mask")
+    if inputs.get("position_ids") is not None or mask is None or "input_ids" not in inputs:
+        return inputs
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return inputs
+    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
+    if prepare is not None:
+        pos = prepare(inputs["input_ids"], dict(inputs))
+    else:
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if not isinstance(pos, torch.Tensor):
+        return inputs
+    return {**inputs, "position_ids": pos}

@@ -21,7 +21,7 @@ from ..methods.build import accepted_parameters, create_method
 from ..methods.compose import PruningMethod
 from ..runtime import VisionCache, prune
 from .data import load_image
-from .models import build_prompt, image_grid, num_image_tokens
+from .models import build_prompt, image_grid, num_image_tokens, with_generation_positions
 from .vqa import vqa_accuracy
 
 # ``parse_budget`` lives in :mod:`tokenprune.budget`; it stays importable from here.
@@ -295,7 +295,8 @@ class Evaluator:
             torch.cuda.synchronize()
 
     def _prefill(self, inputs):
-        return self.model(**inputs, logits_to_keep=1)
+        """The scoring forward: last-position logits, with the positions ``generate`` would use."""
+        return self.model(**with_generation_positions(self.model, inputs), logits_to_keep=1)
 
     def _answer(self, inputs):
         """Decoded answers and the prefill wall time (s) of one batch.

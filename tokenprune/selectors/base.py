@@ -10,6 +10,7 @@ import torch
 
 from ..budget import as_budget
 from ..context import TokenContext
+from ..criteria._loops import rank_keys
 from ..criteria.base import Criterion
 from ..errors import ConfigError, IncompatibleComponentsError
 from ..selection import Selection, from_order
@@ -190,7 +191,8 @@ def greedy_loop(objective: Criterion, ctx: TokenContext, k: torch.Tensor, pick=N
         active = valid[:, t]
         g = objective.gains(ctx, state, cand).float()
         if pick is None:
-            best, idx = torch.where(cand, g, float("-inf")).max(1)
+            idx = torch.where(cand, rank_keys(g), float("-inf")).argmax(1)
+            best = torch.where(cand.gather(1, idx[:, None]), g.gather(1, idx[:, None]), float("-inf")).squeeze(1)
         else:
             idx = pick(g, cand, t)
             best = g.gather(1, idx[:, None]).squeeze(1)

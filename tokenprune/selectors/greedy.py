@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..criteria._loops import lazy_greedy_loop
-from ..errors import IncompatibleComponentsError
+from ..criteria._loops import lazy_greedy_loop, rank_keys
+from ..errors import IncompatibleComponentsError, ParameterError
 from ..registry import selectors
 from ..selection import Selection, from_order
 from .base import Selector, greedy_loop
@@ -79,13 +79,13 @@ class Greedy(Selector):
 
     def __post_init__(self):
         if not isinstance(self.lazy, bool):
-            raise ValueError(f"lazy must be a bool, got {self.lazy!r}")
+            raise ParameterError(f"lazy must be a bool, got {self.lazy!r}")
         if self.stochastic is not None:
             eps = self.stochastic
             if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < float(eps) < 1.0:
-                raise ValueError(f"stochastic must be None or an epsilon in (0, 1), got {eps!r}")
+                raise ParameterError(f"stochastic must be None or an epsilon in (0, 1), got {eps!r}")
             if self.lazy:
-                raise ValueError("choose lazy=True or stochastic=eps, not both")
+                raise ParameterError("choose lazy=True or stochastic=eps, not both")
 
     def check_objective(self, objective) -> None:
         super().check_objective(objective)
@@ -144,8 +144,9 @@ def _stochastic_greedy(objective, ctx, k, eps: float) -> Selection:
         vals, sample = noise.masked_fill(~cand, -1.0).topk(s_max, dim=1)
         sample, pos = sample.sort(1)
         ok = slots.gather(1, pos) & (vals.gather(1, pos) >= 0)
-        g = objective.gains_at(ctx, state, sample, cand).float().masked_fill(~ok, _NEG)
-        best, arg = g.max(1)
+        raw = objective.gains_at(ctx, state, sample, cand).float()
+        arg = rank_keys(raw).masked_fill(~ok, _NEG).argmax(1)
+        best = torch.where(ok.gather(1, arg[:, None]), raw.gather(1, arg[:, None]), _NEG).squeeze(1)
         pick = sample.gather(1, arg[:, None]).squeeze(1)
         cand.scatter_(1, pick[:, None], ~active[:, None] & cand.gather(1, pick[:, None]))
         orders.append(pick)

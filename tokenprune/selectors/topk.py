@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..criteria._loops import rank_keys
 from ..registry import selectors
 from ..selection import from_order
 from .base import Selector
@@ -50,7 +51,7 @@ class TopK(Selector):
         state = objective.prepare(ctx)
         g = objective.gains(ctx, state, ctx.mask).float()
         key = g if self.largest else -g
-        key = key.masked_fill(~ctx.mask, float("-inf"))
+        key = rank_keys(key).masked_fill(~ctx.mask, float("-inf"))
         K = int(k.max())
         # stable descending sort: ties keep the lower index first
         idx = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :K]
