@@ -92,3 +92,30 @@ def test_batched_and_one_by_one_evaluation_give_the_same_records():
                 if report1 is not None:
                     assert [st.kept[0].tolist() for st in report1.stages] == [k[i] for k in kept], (name, i)
             torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4, msg=f"{name}, question {i}")
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "idefics3", "gemma3"])
+@pytest.mark.parametrize("method", ["fastervlm", "divprune", "fastv"])
+def test_beam_search_shares_each_prompts_kept_set(family, method):
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    t = shared_tiny_vlm(family, small=True, num_layers=4)
+    inputs = t.inputs(["What is shown?", "Describe the colours in this image, please."])
+    params = {"budget": 8}
+    if method == "fastervlm" and family not in ("llava", "llava_next"):
+        params["cls_fallback"] = "text_similarity"
+    gen = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        with tp.prune(t.model, method, **params) as greedy:
+            t.model.generate(**inputs, **gen)
+        with tp.prune(t.model, method, **params) as beams:
+            out = t.model.generate(**inputs, num_beams=2, **gen)
+        assert out.shape[0] == 2
+        for one, two in zip(greedy.stages, beams.stages):
+            assert len(two.kept) == 4  # each prompt's two beams
+            for b in range(2):
+                assert torch.equal(two.kept[2 * b], one.kept[b]) and torch.equal(two.kept[2 * b + 1], one.kept[b])
+        # keep-all beam search is the unpruned beam search
+        with tp.prune(t.model, method, **{**params, "budget": 100_000}):
+            kept_all = t.model.generate(**inputs, num_beams=2, **gen)
+        assert torch.equal(kept_all, t.model.generate(**inputs, num_beams=2, **gen))

@@ -37,11 +37,16 @@ class VisionRecord:
     cls_attention : torch.Tensor or None
         float32 ``[n_crops, n_vision_tokens]``: head-averaged attention of the vision tower's [CLS]
         query to every token, at the layer that produces the selected features.
+    pooler_output : Any
+        The call's ``pooler_output`` container as it was returned. ``generate`` with ``num_beams``
+        or ``num_return_sequences`` later replaces the output's container with one that repeats each
+        prompt's features; the record keeps the original, which matches ``kwargs``.
     """
 
     kwargs: dict
     output: Any = None
     cls_attention: torch.Tensor | None = None
+    pooler_output: Any = None
 
 
 @dataclass

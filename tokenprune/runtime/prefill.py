@@ -12,8 +12,11 @@ unchanged on the shorter prompt.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from ..adapters.base import TokenLayout
 from ..errors import ShapeError, StageError
 from .state import PromptState, VisualTokens, as_list, gather, max_rows, pad_rows, positions_from_mask
 
@@ -44,10 +47,15 @@ class PrefillRewriter:
         ------
         StageError
             ``inputs_embeds`` instead of ``input_ids``, image tokens without pixels or features, [CLS]
-            relevance with precomputed features, or a before-LLM stage the adapter refuses.
+            relevance with precomputed features, a before-LLM stage the adapter refuses, or ``labels``
+            (a training loss) with in-LLM stages.
         ShapeError
             ``input_ids`` not 2-D, or as many feature rows as image tokens missing.
         """
+        if self.plan.llm_stages and kw.get("labels") is not None:
+            raise StageError("labels (a training loss) are not supported with in-LLM pruning stages: the hidden "
+                             "states are shortened inside the LLM, so the loss positions are not defined; call the "
+                             "model without labels, or use a method whose stages all run before the LLM")
         ad = self.adapter
         self.report.calls += 1
         ids = kw.get("input_ids")
@@ -78,7 +86,7 @@ class PrefillRewriter:
         counts = img.sum(1)
         if flat.shape[0] != int(counts.sum()):
             raise ShapeError(f"{int(counts.sum())} image tokens in input_ids but {flat.shape[0]} image feature rows")
-        layout = ad.token_layout(pooler, rec)
+        layout = self._layout(pooler, rec, counts)
         if self.plan.need_cls and layout.cls is None:
             raise StageError("relevance='cls_attention' needs the vision tower to run inside the prune() context "
                              "(pass pixel_values, not precomputed mm_encoder_outputs)")
@@ -110,6 +118,42 @@ class PrefillRewriter:
         if self.plan.fallback_note:
             self.report.note(self.plan.fallback_note)
         return new, state
+
+    def _layout(self, pooler, rec, counts) -> TokenLayout:
+        """The adapter's token layout, for prompts that ``generate`` repeated for beams.
+
+        With ``num_beams=r`` (or ``num_return_sequences``), ``generate`` repeats each prompt ``r``
+        times (consecutive rows) and each prompt's image features with it, after
+        ``get_image_features`` ran on the original batch; the record describes that batch. The
+        layout is then computed on the original features and repeated the same way, so each prompt's
+        beams see the same tokens and share their kept set.
+
+        Raises
+        ------
+        ShapeError
+            The features were repeated in a way that does not match the rows of ``input_ids``.
+        """
+        ad = self.adapter
+        original = None if rec is None else rec.pooler_output
+        if original is None or original is pooler:
+            return ad.token_layout(pooler, rec)
+        n_orig = int(ad.flatten_features(original).shape[0])
+        total = int(counts.sum())
+        if n_orig == total:
+            return ad.token_layout(pooler, rec)
+        B = counts.numel()
+        r = total // n_orig if n_orig else 0
+        blocks = counts.view(-1, r) if r and total % n_orig == 0 and B % r == 0 else None
+        if blocks is None or bool((blocks != blocks[:, :1]).any()):
+            raise ShapeError(f"the image features were repeated to {total} rows from {n_orig}, which does not match "
+                             f"the {B} prompts' image tokens ({as_list(counts)}); expected each prompt repeated "
+                             "in consecutive rows, as generate does for beams")
+        base = ad.token_layout(original, rec)
+        per_prompt = blocks[:, 0].tolist()
+        starts = [0] + list(itertools.accumulate(per_prompt))[:-1]
+        idx = torch.cat([torch.arange(s, s + c).repeat(r) for s, c in zip(starts, per_prompt)])
+        return TokenLayout(coords=base.coords[idx], newline=base.newline[idx],
+                           cls=None if base.cls is None else base.cls[idx], grids=base.grids)
 
     def _initial_visual(self, img, layout, counts) -> VisualTokens:
         """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores."""

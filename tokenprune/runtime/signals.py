@@ -86,7 +86,8 @@ class SignalCapture:
         except TypeError:  # e.g. return_dict=False gives a tuple, which no forward takes anyway
             return out
         # the record holds no strong reference to the output (vision hidden states can be large)
-        self._records[id(out)] = (ref, VisionRecord(kwargs=bound, output=None, cls_attention=cls))
+        self._records[id(out)] = (ref, VisionRecord(kwargs=bound, output=None, cls_attention=cls,
+                                                    pooler_output=getattr(out, "pooler_output", None)))
         return out
 
     def pop_record(self, output) -> VisionRecord | None:
