@@ -339,7 +339,7 @@ def test_budget_above_previous_stage():
 def test_cls_attention_needs_cls_token(family):
     meth = tp.compose(Relevance(), selector="topk", budget=8, relevance="cls_attention")
     with pytest.raises(tp.UnsupportedModelError, match="no \\[CLS\\] token"):
-        prune(tiny(family).model, meth)
+        prune(tiny(family).model, meth, cls_fallback="error")
 
 
 def test_text_attention_before_llm_is_an_error():

@@ -119,3 +119,31 @@ def test_beam_search_shares_each_prompts_kept_set(family, method):
         with tp.prune(t.model, method, **{**params, "budget": 100_000}):
             kept_all = t.model.generate(**inputs, num_beams=2, **gen)
         assert torch.equal(kept_all, t.model.generate(**inputs, num_beams=2, **gen))
+
+
+@pytest.mark.parametrize("method", tp.list_methods())
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3",
+                                    "smolvlm", "gemma3"])
+def test_every_method_runs_with_its_defaults_on_every_family(family, method, recwarn):
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    # TOPS's Qwen2.5-VL schedule (layers 12 and 16 of 28) needs 8 layers to keep two distinct layers
+    t = shared_tiny_vlm(family, small=True, num_layers=8 if family == "qwen2_5_vl" else 4)
+    if family == "smolvlm":
+        from tokenprune.adapters import get_model_adapter
+
+        ad = get_model_adapter(t.model)
+        if ad.merger_block() and ad.tokens_per_tile() % ad.merger_block():
+            pytest.skip("this transformers' SmolVLM merges features in 16-token blocks; the tiny model cannot run")
+    inputs = t.inputs()
+    with torch.no_grad(), tp.prune(t.model, method) as report:
+        out = t.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2 and report.pruned_calls == 1
+    vision = [s.relevance for s in report.stages if s.relevance in ("cls_attention", "mean_attention",
+                                                                       "text_similarity")]
+    expect_cls = tp.create_method(method).stages[0].relevance == "cls_attention"
+    if expect_cls and family in ("llava", "llava_next"):
+        assert vision[0] == "cls_attention"
+    elif expect_cls:  # the automatic fallback says which signal it used
+        assert vision[0] == ("text_similarity" if family.startswith("qwen") else "mean_attention")
+        assert any("no vision [CLS] token" in n for n in report.notes)

@@ -17,8 +17,12 @@ from ..methods.compose import PruningMethod, Stage
 
 #: What ``newlines=`` may say about LLaVA-NeXT / OneVision ``image_newline`` tokens.
 NEWLINE_POLICIES = ("keep", "drop", "select")
-#: What ``relevance="cls_attention"`` may become on a vision tower without a [CLS] token.
-CLS_FALLBACKS = (None, "text_similarity", "mean_attention")
+#: What ``relevance="cls_attention"`` may become on a vision tower without a [CLS] token
+#: (``None`` is ``"auto"``).
+CLS_FALLBACKS = (None, "auto", "mean_attention", "text_similarity", "error")
+#: Relevance sources read from the vision tower's attention ([CLS] row, or mean attention per patch).
+VISION_ATTENTION_SOURCES = ("cls_attention", "mean_attention")
+_WARNED: set = set()  # (model type, fallback) pairs already warned about in this process
 #: Relevance sources that come from the LLM's attention at the layer before a stage.
 LLM_ATTENTION_SOURCES = ("text_attention", "key_norm")
 
@@ -73,14 +77,15 @@ class Plan:
     llm_stages : dict
         decoder layer -> ``(index, Stage)`` for the in-LLM stages, layers scaled to the model's depth.
     relevance : dict
-        stage index -> the relevance source the stage really uses (``cls_attention`` may become
-        ``text_similarity`` through ``cls_fallback``).
+        stage index -> the relevance source the stage really uses: on a tower without [CLS],
+        ``cls_attention`` becomes ``mean_attention`` or ``text_similarity`` (see ``cls_fallback``);
+        the stage reports say which.
     mean_attention : bool
-        ``cls_attention`` is the mean attention each patch receives (tower without [CLS]).
+        Some stage reads the mean attention each patch receives (tower without [CLS]).
     capture_layers : dict
         decoder layer -> the stage whose LLM-attention signal is captured there (layer ``k - 1``).
     need_cls : bool
-        Some stage reads the vision tower's [CLS] (or mean) attention.
+        Some stage reads the vision tower's attention ([CLS] row or mean per patch).
     compact_note, fallback_note : str or None
         What the report notes when positions or relevance differ from the request.
     """
@@ -158,32 +163,49 @@ class Plan:
                                      f"{prev_count}")
                 prev_count = b.value
 
+    def _fallback(self, adapter) -> str:
+        """What ``cls_attention`` becomes on this tower without [CLS]: the requested fallback, or for
+        ``"auto"`` the mean attention per patch where the adapter can map it (towers attending
+        globally at the feature layer), else text similarity."""
+        if self.cls_fallback in (None, "auto"):
+            return "mean_attention" if adapter.supports_mean_attention else "text_similarity"
+        return self.cls_fallback
+
     def _choose_signals(self, adapter) -> None:
         """Resolve each stage's relevance source on this tower and decide what to capture."""
         self.relevance = {i: st.relevance for i, st in enumerate(self.method.stages)}
-        for i, st in enumerate(self.method.stages):
-            if st.relevance != "cls_attention":
-                continue
-            if not adapter.has_cls and self.cls_fallback == "text_similarity":
-                self.relevance[i] = "text_similarity"
-            else:  # raises UnsupportedModelError for towers without [CLS] (and without the fallback)
-                adapter.cls_attention_module(self.cls_fallback)
-                if not adapter.has_cls:
-                    self.mean_attention = True
         model_type = adapter.config.model_type
+        for i, st in enumerate(self.method.stages):
+            if st.relevance != "cls_attention" or adapter.has_cls:
+                continue
+            fallback = self._fallback(adapter)
+            if fallback == "text_similarity":
+                self.relevance[i] = "text_similarity"
+                continue
+            # raises UnsupportedModelError for "error", or "mean_attention" where the family cannot map it
+            adapter.cls_attention_module(None if fallback == "error" else fallback)
+            self.relevance[i] = "mean_attention"
+            self.mean_attention = True
+        substituted = sorted({r for r, st in zip(self.relevance.values(), self.method.stages) if r != st.relevance})
+        if substituted:
+            fb = substituted[0]
+            what = ("the mean attention each patch receives at the feature layer" if fb == "mean_attention"
+                    else "the cosine similarity of the visual tokens to the prompt's text (text_similarity)")
+            chosen = "chosen automatically: cls_fallback='auto'" if self.cls_fallback in (None, "auto") else \
+                f"cls_fallback={self.cls_fallback!r}"
+            self.fallback_note = (f"{model_type} has no vision [CLS] token: relevance='cls_attention' uses {what} "
+                                  f"({chosen})")
+            if self.cls_fallback in (None, "auto") and (model_type, fb) not in _WARNED:
+                _WARNED.add((model_type, fb))
+                warnings.warn(f"tokenprune: {self.fallback_note}; pass cls_fallback='mean_attention', "
+                              "'text_similarity' or 'error' to choose", UserWarning, stacklevel=4)
         if adapter.mrope and any(st.positions == "compact" for st in self.method.stages):
             self.compact_note = (f"{model_type} uses 3-D M-RoPE positions: kept tokens keep their (t, h, w) "
                                  "positions, so positions='compact' was applied as 'preserve'")
             warnings.warn(self.compact_note, UserWarning, stacklevel=4)
         self.capture_layers = {k - 1: st for k, (_, st) in self.llm_stages.items()
                                if st.relevance in LLM_ATTENTION_SOURCES}
-        self.need_cls = any(r == "cls_attention" for r in self.relevance.values())
-        if any(r != st.relevance for r, st in zip(self.relevance.values(), self.method.stages)):
-            self.fallback_note = (f"{model_type} has no vision [CLS] token: relevance='cls_attention' "
-                                  "was replaced by 'text_similarity' (cls_fallback)")
-        elif self.mean_attention:
-            self.fallback_note = (f"{model_type} has no vision [CLS] token: 'cls_attention' is the mean "
-                                  "attention each patch receives at the feature layer (cls_fallback='mean_attention')")
+        self.need_cls = any(r in VISION_ATTENTION_SOURCES for r in self.relevance.values())
 
     @property
     def first_llm_layer(self) -> int | None:

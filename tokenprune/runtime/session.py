@@ -113,7 +113,7 @@ class PruneSession:
             for li, st in plan.capture_layers.items():
                 hooks.capture_attention(ad.attention_module(li), self._text_attention_callback(li, st))
         if plan.need_cls:
-            mod = ad.cls_attention_module(plan.cls_fallback)
+            mod = ad.cls_attention_module("mean_attention" if plan.mean_attention else None)
             hooks.switch_attention(mod.config)
             hooks.capture_attention(mod, self.signals.vision_callback())
         hooks.forward_pre_hook(self.model, self._outer_pre)
@@ -242,13 +242,17 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     dynamic_threshold : float
         For ``raters="dynamic"``: a text token rates the image when its total attention to the
         visual tokens is at least this fraction of the largest such total among the text tokens.
-    cls_fallback : {None, "text_similarity", "mean_attention"}
+    cls_fallback : {None, "auto", "mean_attention", "text_similarity", "error"}
         What ``relevance="cls_attention"`` means on a vision tower without a [CLS] token (SigLIP,
-        Qwen-ViT). ``None`` (default) raises :class:`~tokenprune.UnsupportedModelError`.
-        ``"text_similarity"`` uses the text-similarity relevance instead (every family).
-        ``"mean_attention"`` uses the attention each patch receives at the feature layer, averaged over
-        all queries and heads (VisionZip's choice for towers without [CLS]); LLaVA-OneVision, Gemma3,
-        Idefics3 and SmolVLM. The report notes the substitution.
+        Qwen-ViT), so that every method runs with its defaults on every family. ``None`` / ``"auto"``
+        (default): ``"mean_attention"`` where the family supports it (LLaVA-OneVision, Gemma3,
+        Idefics3, SmolVLM: towers that attend globally at the feature layer), else
+        ``"text_similarity"`` (Qwen2-VL, Qwen2.5-VL), with a :class:`UserWarning` once per model type
+        and fallback. ``"mean_attention"``: the attention each patch receives at the feature layer,
+        averaged over all queries and heads (VisionZip's choice for towers without [CLS]).
+        ``"text_similarity"``: the text-similarity relevance (every family). ``"error"``: raise
+        :class:`~tokenprune.UnsupportedModelError`. The stage reports' ``relevance`` says which
+        signal was used (``"mean_attention"``, ``"text_similarity"``) and a note says why.
     seed : int
         Seed of the selection contexts (stage ``i`` uses ``seed + i``).
     vision_cache : VisionCache, optional
@@ -269,7 +273,8 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     ------
     UnsupportedModelError
         Unknown model type (the message lists the supported ones), a [CLS]-attention stage on a tower
-        without [CLS], or an attention implementation that cannot be wrapped.
+        without [CLS] with ``cls_fallback="error"`` (or ``"mean_attention"`` where the family cannot
+        map it), or an attention implementation that cannot be wrapped.
     StageError
         A stage layer beyond the model's depth, layers that collide after scaling, an int budget above
         what the previous stage keeps, a text-attention stage before the LLM; at run time, a budget

@@ -22,6 +22,7 @@ from ..criteria.relevance import cosine_to_text
 from ..errors import StageError
 from . import attention as attn
 from .vision_cache import call_arguments
+from .plan import VISION_ATTENTION_SOURCES
 from .state import PromptState, bind_arguments, gather, pad_rows
 
 
@@ -186,7 +187,7 @@ class SignalCapture:
         vis = state.visual
         relevance = text_emb = text_mask = None
         source = self.plan.relevance[index]
-        if source == "cls_attention":
+        if source in VISION_ATTENTION_SOURCES:
             relevance = vis.cls
         if self.plan.needs_text_embeddings(index, stage):
             am = kw.get("attention_mask")
@@ -218,7 +219,7 @@ class SignalCapture:
             kn = cap.get("key_norm")
             relevance = None if kn is None else gather(kn, vis.pos, 1, 0.0)
         source = self.plan.relevance[index]
-        if source == "cls_attention":
+        if source in VISION_ATTENTION_SOURCES:
             relevance = vis.cls
         if stage.relevance in ("text_attention", "key_norm") and relevance is None:
             raise StageError(f"no attention was captured at layer {layer_idx - 1} for stage {index}")
