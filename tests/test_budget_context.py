@@ -222,3 +222,27 @@ def test_drawn_contexts_round_trip_through_make_context(ctx):
     assert torch.equal(again.features, ctx.features) and torch.equal(again.mask, ctx.mask)
     assert torch.equal(again.relevance, ctx.relevance)
     assert bool((ctx.relevance[~ctx.mask] == 0).all())
+
+
+# -- masks hold 0/1 or bool values (#13) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask, shown", [
+    (torch.tensor([[1.0, 0.5, 1.0, 1.0]]), "0.5"),
+    (torch.tensor([[1, 2, 0, 1]]), "2"),
+    (torch.tensor([[1.0, -1.0, 1.0, 0.0]]), "-1.0"),
+    (torch.tensor([[1.0, math.nan, 1.0, 1.0]]), "nan"),
+])
+def test_masks_with_values_other_than_0_and_1_raise(mask, shown):
+    x = torch.randn(1, 4, 3)
+    with pytest.raises(ShapeError, match=f"mask must hold only True/False or 0/1 values.*got {shown}"):
+        tp.make_context(x, mask=mask)
+    with pytest.raises(ShapeError, match="mask"):
+        tp.select("random", x, budget=2, mask=mask)
+
+
+def test_zero_one_masks_of_any_dtype_are_accepted():
+    x = torch.randn(1, 4, 3)
+    for mask in (torch.tensor([[1.0, 0.0, 1.0, 1.0]]), torch.tensor([[1, 0, 1, 1]], dtype=torch.uint8),
+                 torch.tensor([[True, False, True, True]])):
+        assert tp.make_context(x, mask=mask).mask.tolist() == [[True, False, True, True]]

@@ -118,3 +118,92 @@ def test_testbed_train_forwards_arguments(monkeypatch):
     monkeypatch.setattr(train, "main", lambda argv=None: seen.setdefault("argv", argv))
     assert cli.main(["testbed", "train", "--minutes", "1", "--out", "x"]) == 0
     assert seen["argv"] == ["--minutes", "1", "--out", "x"]
+
+
+# -- every option and output path is checked before any work (#13) ---------------------------------------------
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Make loading a model fail loudly: a check that runs after it comes too late."""
+    def _load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_load", _load)
+
+
+@pytest.mark.parametrize("argv, error, match", [
+    (["run", "--index", "1000"], "TokenPruneError", "--index must be in 0..999"),
+    (["run", "--index", "-1"], "TokenPruneError", "--index must be in 0..999"),
+    (["eval", "--prompt", "Q: {q} {question}"], "TokenPruneError", "unknown field(s) {q}"),
+    (["eval", "--prompt", "{question} {"], "TokenPruneError", "not a valid template"),
+    (["run", "--prompt", "no question here"], "TokenPruneError", "needs a '{question}' field"),
+    (["eval", "--max-new-tokens", "-1"], "TokenPruneError", "--max-new-tokens must be >= 1, got -1"),
+    (["eval", "--max-new-tokens", "0"], "TokenPruneError", "--max-new-tokens must be >= 1, got 0"),
+    (["run", "--max-new-tokens", "0"], "TokenPruneError", "--max-new-tokens must be >= 1, got 0"),
+    (["eval", "--threads", "0"], "TokenPruneError", "--threads must be >= 1, got 0"),
+    (["eval", "--data", "{tmp}/utf16.jsonl"], "DatasetError", "utf16.jsonl: the file is not UTF-8 text"),
+    (["eval", "--methods", ""], "TokenPruneError", "--methods is empty"),
+    (["eval", "--budgets", ""], "TokenPruneError", "--budgets is empty"),
+    (["eval", "--budgets", "-5"], "BudgetError", "a count (an int >= 1, tokens kept) or a fraction kept"),
+    (["run", "--budget", "-5"], "BudgetError", "a count (an int >= 1, tokens kept) or a fraction kept"),
+    (["run", "--image", "{tmp}/folder", "--question", "q"], "ImageError", "it is a directory"),
+    (["eval", "--output", "{tmp}/folder"], "OutputPathError", "is a directory; give a file path"),
+    (["eval", "--output", "{tmp}/file.txt/r.json"], "OutputPathError", "file.txt' is a file, not a folder"),
+    (["eval", "--plot", "{tmp}/folder"], "OutputPathError", "--plot"),
+    (["run", "--out", "{tmp}/folder"], "OutputPathError", "--out"),
+    (["run", "--out", "{tmp}/file.txt/sub/o.png"], "OutputPathError", "is a file, not a folder"),
+    (["testbed", "export", "--out", "{tmp}/file.txt"], "OutputPathError", "is an existing file; give a folder"),
+])
+def test_options_and_output_paths_are_checked_before_any_work(argv, error, match, tmp_path, no_model, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    rec = {"image": "a.png", "question": "q", "answers": ["x"]}
+    (tmp_path / "utf16.jsonl").write_text(json.dumps(rec) + "\n", encoding="utf-16")
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert error in err and match in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err  # one line
+    assert "float budget" not in err
+
+
+def test_export_into_an_existing_file_fails_before_drawing_scenes(tmp_path, monkeypatch):
+    from tokenprune.errors import OutputPathError
+    from tokenprune.testbed import evaluate
+
+    monkeypatch.setattr(evaluate, "held_out_examples", lambda **k: pytest.fail("scenes drawn before the check"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputPathError, match="is an existing file, not a folder"):
+        evaluate.export_jsonl(tmp_path / "file.txt", n=2)
+    with pytest.raises(OutputPathError):
+        evaluate.export_jsonl(tmp_path / "file.txt" / "sub", n=2)
+
+
+def test_duplicate_budgets_are_merged_with_a_note(capsys):
+    assert cli._merge_budgets(["0.25", "25%", "8", "8", "1", "1.0"]) == [0.25, 8, 1, 1.0]  # 1 token != all
+    err = capsys.readouterr().err
+    assert "'0.25' and '25%', the same budget" in err and "'8' and '8'" in err and "'1'" not in err
+
+
+def test_duplicate_budgets_are_evaluated_once(ckpt, tmp_path, capsys):
+    out = tmp_path / "sub" / "r.json"  # a missing folder is created
+    assert cli.main(["eval", "--model", ckpt, "--methods", "random", "--budgets", "8,0.25,8", "--limit", "4",
+                     "--batch-size", "4", "--no-progress", "--output", str(out)]) == 0
+    assert "evaluated once" in capsys.readouterr().err
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["budget"]) for r in recs] == [("none", 1.0), ("random", 8), ("random", 0.25)]
+
+
+def test_oracle_evidence_outside_the_grid_fails_before_running(ckpt, jsonl, tmp_path, monkeypatch, capsys):
+    from tokenprune.evaluation import runner
+
+    monkeypatch.setattr(runner.Evaluator, "prepare", lambda self: pytest.fail("evaluation started"))
+    image = jsonl.parent / "images" / "00000.png"
+    bad = tmp_path / "ev.jsonl"
+    bad.write_text(json.dumps({"id": "q7", "image": str(image), "question": "what color is the circle ?",
+                               "answers": ["red"], "evidence": [3, 500]}) + "\n")
+    assert cli.main(["eval", "--model", ckpt, "--data", str(bad), "--methods", "random", "--budgets", "8",
+                     "--oracle", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "question 1 (id q7) has evidence patch 500, outside the model's 14 x 14 patch grid" in err
+    assert len(err.strip().splitlines()) == 1

@@ -318,3 +318,54 @@ def test_fake_distribution_end_to_end(tmp_path):
                          capture_output=True, text=True, env=env, cwd=str(tmp_path))
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
+
+
+# -- what may be registered (#13) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("register, obj", [
+    (tp.register_criterion, object),  # a class, but not a Criterion
+    (tp.register_criterion, 3),
+    (tp.register_criterion, lambda: None),
+    (tp.register_selector, tp.Criterion),  # the wrong base
+    (tp.register_selector, "topk"),
+    (tp.register_adapter, object()),
+    (tp.register_method, 5),  # a method factory must be callable
+    (tp.register_method, "fastv"),
+])
+def test_registering_the_wrong_kind_of_object_raises_a_named_type_error(register, obj):
+    from tokenprune.errors import RegistrationError
+
+    with pytest.raises(RegistrationError, match="'test_wrong_kind' must be") as exc:
+        register("test_wrong_kind", obj)
+    assert isinstance(exc.value, TypeError) and isinstance(exc.value, tp.TokenPruneError)
+    for r in (tp.registry.criteria, tp.registry.selectors, tp.registry.adapters, tp.registry.methods):
+        assert "test_wrong_kind" not in r
+
+
+def test_registering_the_right_kind_still_works():
+    from tokenprune.adapters.base import ModelAdapter
+
+    class MyAdapter(ModelAdapter):
+        pass
+
+    class MySelector(type(tp.create_selector("topk"))):
+        pass
+
+    tp.register_adapter("test_right_adapter", MyAdapter)
+    tp.register_selector("test_right_selector", MySelector)
+    try:
+        assert tp.get_adapter("test_right_adapter") is MyAdapter
+        assert tp.get_selector("test_right_selector") is MySelector
+    finally:
+        tp.registry.adapters.unregister("test_right_adapter")
+        tp.registry.selectors.unregister("test_right_selector")
+
+
+def test_a_registry_check_also_guards_plugins(monkeypatch):
+    monkeypatch.delenv("TOKENPRUNE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("TOKENPRUNE_PLUGIN_BLOCKLIST", raising=False)
+    reg = Registry("thing", "tokenprune.test_things", check=lambda o: isinstance(o, int), expects="an int")
+    _install(monkeypatch, [FakeEP("not_int", "x:y", obj="text"), FakeEP("an_int", "x:z", obj=2)])
+    with pytest.warns(PluginWarning, match="'not_int' must be an int"):
+        assert reg.list() == ["an_int"]

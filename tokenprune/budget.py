@@ -146,6 +146,8 @@ def parse_budget(value):
     if isinstance(value, (int, float)):
         return Budget(value).value
     s = str(value).strip()
+    message = (f"budget {value!r} is not a count (an int >= 1, tokens kept) or a fraction kept "
+               f"(a number in (0, 1], or a percentage such as '25%')")
     try:
         if s.endswith("%"):
             v = float(s[:-1]) / 100.0
@@ -156,9 +158,10 @@ def parse_budget(value):
             return Budget(int(s)).value
         v = float(s)
     except (ValueError, BudgetError):
-        raise BudgetError(f"budget {value!r} is not a count (an int >= 1, tokens kept) or a fraction kept "
-                          f"(a float in (0, 1], or a percentage such as '25%')") from None
+        raise BudgetError(message) from None
     try:
         return Budget(v).value
-    except BudgetError as e:
-        raise BudgetError(f"budget {value!r}: {e}") from None
+    except BudgetError:
+        # text has no int/float types: say what a count and a fraction are, not "a float budget"
+        hint = "; for a count, write a whole number" if math.isfinite(v) and v > 1 else ""
+        raise BudgetError(message + hint) from None

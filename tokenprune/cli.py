@@ -19,10 +19,13 @@ import argparse
 import contextlib
 import os
 import platform
+import string
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from .errors import TokenPruneError
+from .errors import OutputPathError, TokenPruneError
 
 __all__ = ["main", "build_parser"]
 
@@ -33,6 +36,91 @@ DEFAULT_PLOT = "tokenprune_eval.png"
 def _csv(text):
     """Comma-separated values, stripped, empty ones dropped."""
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+#: Fields a ``--prompt`` template may use.
+PROMPT_FIELDS = ("question", "image")
+
+
+def _check_positive(value, option: str) -> None:
+    """Raise :class:`TokenPruneError` unless ``value`` is ``None`` or an int >= 1."""
+    if value is not None and value < 1:
+        raise TokenPruneError(f"{option} must be >= 1, got {value}")
+
+
+def _check_prompt(template) -> None:
+    """Check a ``--prompt`` template before any model loads: ``{question}``, no other field than ``{image}``."""
+    if template is None:
+        return
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise TokenPruneError(f"--prompt {template!r} is not a valid template ({e}); "
+                              f"write literal braces as '{{{{' and '}}}}'") from None
+    unknown = [f for f in dict.fromkeys(fields) if f not in PROMPT_FIELDS]
+    if unknown:
+        raise TokenPruneError(f"--prompt has unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; "
+                              f"known fields: {{question}} (the question), {{image}} (the image placeholder)")
+    if "{question}" not in template:
+        raise TokenPruneError(f"--prompt needs a '{{question}}' field, got {template!r}")
+    try:
+        template.format(question="q", image="<image>")
+    except (ValueError, KeyError, IndexError, AttributeError) as e:
+        raise TokenPruneError(f"--prompt {template!r} is not a valid template ({e})") from None
+
+
+def _check_output_path(path, option: str, *, folder: bool = False) -> None:
+    """Check, before any work, that an output path can be written.
+
+    A file path must not be a directory; a folder path must not be a file; the folder that will
+    hold the output must exist or be creatable (its nearest existing ancestor a folder in which a
+    temporary file can be written), and an existing file must be writable. Nothing is left behind.
+
+    Raises
+    ------
+    OutputPathError
+        The message names ``option`` and the offending path.
+    """
+    p = Path(path)
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise OutputPathError(f"{option} {str(p)!r} is an existing file; give a folder")
+        holder = p
+    else:
+        if p.is_dir():
+            raise OutputPathError(f"{option} {str(p)!r} is a directory; give a file path")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise OutputPathError(f"{option} {str(p)!r} exists and is not writable")
+        holder = p.parent
+    holder = Path(os.path.abspath(holder))
+    existing = holder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{option} {str(p)!r}: {str(existing)!r} is a file, not a folder")
+    try:  # a real probe: permission bits say nothing for root or on read-only file systems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OutputPathError(f"{option} {str(p)!r}: cannot write in the folder {str(existing)!r} "
+                              f"({e.strerror or e})") from None
+
+
+def _merge_budgets(values) -> list:
+    """Parsed budgets without repeats, in order; prints a note for each merged repeat."""
+    from .budget import parse_budget
+
+    out, seen = [], {}
+    for text in values:
+        b = parse_budget(text)
+        key = (isinstance(b, float), b)  # 1 (one token) and 1.0 (everything) differ
+        if key in seen:
+            print(f"tokenprune eval: note: --budgets gives {seen[key]!r} and {text!r}, the same budget; "
+                  f"it is evaluated once", file=sys.stderr)
+            continue
+        seen[key] = text
+        out.append(b)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,26 +220,34 @@ def cmd_eval(args) -> int:
     """``tokenprune eval``: every method at every budget against the unpruned model; prints tables."""
     import torch
 
-    from .budget import parse_budget
     from .evaluation.report import format_tables, make_records, plot_records, write_json
     from .evaluation.runner import DEFAULT_BUDGETS, Evaluator, validate_method_names
     from .testbed.scenes import QUESTION_FAMILIES
 
     t_start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.limit is not None and args.limit < 1:
-        raise TokenPruneError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise TokenPruneError(f"--batch-size must be >= 1, got {args.batch_size}")
-    # Validate everything cheap before loading anything.
+    # Validate every option and output path before loading anything.
+    _check_positive(args.threads, "--threads")
+    _check_positive(args.limit, "--limit")
+    _check_positive(args.batch_size, "--batch-size")
+    _check_positive(args.max_new_tokens, "--max-new-tokens")
+    _check_prompt(args.prompt)
+    if args.output:
+        _check_output_path(args.output, "--output")
     if args.plot:
+        _check_output_path(args.plot, "--plot")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise TokenPruneError("--plot needs matplotlib: pip install 'tokenprune[plot]'") from None
+    if args.methods is not None and not args.methods:
+        raise TokenPruneError("--methods is empty: give comma-separated registered method names, or leave it out "
+                              "for every method")
+    if args.budgets is not None and not args.budgets:
+        raise TokenPruneError("--budgets is empty: give comma-separated budgets, or leave it out for the defaults")
     methods = validate_method_names(args.methods)
-    budgets = [parse_budget(b) for b in args.budgets] if args.budgets else list(DEFAULT_BUDGETS)
+    budgets = _merge_budgets(args.budgets) if args.budgets else list(DEFAULT_BUDGETS)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.data is not None:
         from .evaluation.data import read_vqa_jsonl
 
@@ -168,16 +264,9 @@ def cmd_eval(args) -> int:
         examples = held_out_examples(limit=args.limit)
         data_label = f"testbed held-out set ({HELD_OUT_SIZE} questions, seed 12345)"
     testbed = _is_testbed_processor(processor)
-    max_new = args.max_new_tokens or (1 if testbed else 16)
-    ev = Evaluator(model, processor, examples, batch_size=args.batch_size, max_new_tokens=max_new,
-                   prompt=args.prompt, progress=not args.no_progress, vision_cache=not args.no_vision_cache)
-    ev.prepare()
-    print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
-          f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
-          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; "
-          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}", flush=True)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (1 if testbed else 16)
     references = None
-    if args.oracle:
+    if args.oracle:  # checked before any evaluation
         from .evaluation.models import image_grid
         from .testbed.oracle import ORACLE_NAME, oracle_method
 
@@ -185,12 +274,25 @@ def cmd_eval(args) -> int:
         if grid is None or not any(ex.evidence is not None for ex in examples):
             raise TokenPruneError("--oracle needs questions with evidence (the testbed, or a JSONL with 'evidence') "
                                   "and a model with a square patch grid")
+        n_patches = grid[0] * grid[1]
+        for i, ex in enumerate(examples):
+            if ex.evidence is not None and len(ex.evidence) and int(ex.evidence.max()) >= n_patches:
+                raise TokenPruneError(f"--oracle: question {i + 1}{f' (id {ex.id})' if ex.id is not None else ''} "
+                                      f"has evidence patch {int(ex.evidence.max())}, outside the model's "
+                                      f"{grid[0]} x {grid[1]} patch grid (indices 0..{n_patches - 1})")
         seed = args.seed
 
         def make_oracle(b):
-            return lambda exs: oracle_method(exs, b, n_patches=grid[0] * grid[1], cols=grid[1], seed=seed)
+            return lambda exs: oracle_method(exs, b, n_patches=n_patches, cols=grid[1], seed=seed)
 
         references = {ORACLE_NAME: make_oracle}
+    ev = Evaluator(model, processor, examples, batch_size=args.batch_size, max_new_tokens=max_new,
+                   prompt=args.prompt, progress=not args.no_progress, vision_cache=not args.no_vision_cache)
+    ev.prepare()
+    print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
+          f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
+          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; "
+          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}", flush=True)
     results = ev.run_all(methods, budgets, seed=args.seed, references=references)
     records = make_records(results, family_order=QUESTION_FAMILIES)
     wall = time.perf_counter() - t_start
@@ -213,6 +315,7 @@ def cmd_eval(args) -> int:
         path = write_json(records, args.output, meta=meta)
         print(f"Wrote {len(records)} records to {path}")
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)  # checked before the evaluation
         name = "testbed model" if args.model is None else os.path.basename(model_label.rstrip("/"))
         path = plot_records(records, args.plot, title=f"{name}: {len(examples)} questions")
         print(f"Saved the plot to {path}")
@@ -258,16 +361,20 @@ def cmd_run(args) -> int:
 
     if args.image is not None and not args.question:
         raise TokenPruneError("--image needs --question")
+    _check_positive(args.max_new_tokens, "--max-new-tokens")
+    _check_prompt(args.prompt)
+    _check_output_path(args.out, "--out")
     (method_name,) = validate_method_names([args.method])
     budget = parse_budget(args.budget)
     if args.image is not None:
         image = load_image(args.image)
         question, expected, evidence = args.question, None, None
     else:
-        from .testbed.evaluate import held_out_examples
+        from .testbed.evaluate import HELD_OUT_SIZE, held_out_examples
 
-        if args.index < 0:
-            raise TokenPruneError(f"--index must be >= 0, got {args.index}")
+        if not 0 <= args.index < HELD_OUT_SIZE:
+            raise TokenPruneError(f"--index must be in 0..{HELD_OUT_SIZE - 1} (a testbed held-out question), "
+                                  f"got {args.index}")
         ex = held_out_examples(limit=args.index + 1)[args.index]
         image = load_image(ex.image)
         question = args.question or ex.question
@@ -275,7 +382,7 @@ def cmd_run(args) -> int:
         evidence = ex.evidence if not args.question else None
     model, processor, model_label, load_s = _load(args.model)
     testbed = _is_testbed_processor(processor)
-    max_new = args.max_new_tokens or (1 if testbed else 32)
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else (1 if testbed else 32)
     text = build_prompt(processor, question, args.prompt)
     inputs = processor(images=[image], text=[text], return_tensors="pt")
     device = next(model.parameters()).device
@@ -358,6 +465,7 @@ def cmd_testbed(args, rest) -> int:
 
     if args.n < 1:
         raise TokenPruneError(f"--n must be >= 1, got {args.n}")
+    _check_output_path(args.out, "--out", folder=True)
     path = export_jsonl(args.out, n=args.n)
     print(f"wrote {args.n} questions to {path}")
     return 0

@@ -135,7 +135,8 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
     features : torch.Tensor
         ``[B, N, D]`` (or ``[N, D]`` for one sample) float features, fp32, fp16 or bf16.
     mask : torch.Tensor, optional
-        ``[B, N]`` validity mask (bool or 0/1); padding positions are never selected.
+        ``[B, N]`` validity mask (bool, or any dtype holding only 0 and 1); padding positions are never
+        selected.
     relevance : torch.Tensor, optional
         ``[B, N]`` relevance scores.
     text_embeddings : torch.Tensor, optional
@@ -150,7 +151,8 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
     Raises
     ------
     ShapeError
-        Wrong ranks, or shapes that disagree between features, mask and signals.
+        Wrong ranks, shapes that disagree between features, mask and signals, or a mask holding values
+        other than 0/1 (e.g. 0.5 or 2).
     InvalidFeaturesError
         Non-float features or signals, NaN or inf in valid positions, or an all-padding sample.
 
@@ -161,7 +163,7 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
     _check_float("features", features)
     if features.dim() == 2:
         features = features.unsqueeze(0)
-        mask = None if mask is None else mask.reshape(1, -1)
+        mask = mask.reshape(1, -1) if isinstance(mask, torch.Tensor) else mask
         relevance = None if relevance is None else relevance.reshape(1, -1)
         if text_embeddings is not None and text_embeddings.dim() == 2:
             text_embeddings = text_embeddings.unsqueeze(0)
@@ -177,6 +179,11 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, N):
             raise ShapeError(f"mask must be [B, N] = {(B, N)} like the features, got "
                              f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            bad = mask[(mask != 0) & (mask != 1)]  # NaN compares unequal to both
+            if bad.numel():
+                raise ShapeError(f"mask must hold only True/False or 0/1 values (True or 1: a real token), got "
+                                 f"{bad.flatten()[0].item()!r} in a {mask.dtype} mask")
         mask = mask.to(device=features.device, dtype=torch.bool)
     if (mask.sum(1) == 0).any():
         raise InvalidFeaturesError("every sample needs at least one valid token; mask has an all-padding row")

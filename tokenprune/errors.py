@@ -65,6 +65,15 @@ class StageError(TokenPruneError, ValueError):
     """A pruning stage cannot be applied: layer beyond the model's depth, budget above the tokens left, ..."""
 
 
+class StageIndexError(StageError, IndexError):
+    """A stage index beyond a method's stages (``select(..., stage=i)``); also an ``IndexError``."""
+
+
+class ParameterError(TokenPruneError, ValueError):
+    """A parameter has a value (or type) its criterion, selector, method or call does not accept: a
+    negative weight, an unknown option name, a seed that is not an int, ..."""
+
+
 class PluginWarning(UserWarning):
     """A plugin failed to load, or registered a name that was already taken. tokenprune keeps working."""
 
@@ -75,3 +84,13 @@ class ImageError(TokenPruneError, OSError):
 
 class DatasetError(TokenPruneError, ValueError):
     """An evaluation data file is malformed: bad JSON, or a line missing a field (the message names the line)."""
+
+
+class RegistrationError(TokenPruneError, TypeError):
+    """A registered object of the wrong kind: a criterion, selector or adapter that is not such a class, a
+    method factory that is not callable."""
+
+
+class OutputPathError(TokenPruneError, OSError):
+    """An output path cannot be written: a folder where a file is expected (or the reverse), or a folder that
+    cannot be created or written."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Generic, Iterable, TypeVar
 
-from .errors import DuplicateNameError, PluginWarning, UnknownNameError
+from .errors import DuplicateNameError, PluginWarning, RegistrationError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -47,11 +47,17 @@ class Registry(Generic[T]):
         What is registered ("criterion", "selector", "method", "adapter"), used in messages.
     group : str
         The entry-point group scanned for plugins.
+    check : callable, optional
+        ``check(obj) -> bool``: whether ``obj`` may be registered (default: anything may).
+    expects : str
+        What ``check`` accepts, for the message of :class:`~tokenprune.errors.RegistrationError`.
     """
 
-    def __init__(self, kind: str, group: str):
+    def __init__(self, kind: str, group: str, check: Callable[[object], bool] | None = None, expects: str = ""):
         self.kind = kind
         self.group = group
+        self.check = check
+        self.expects = expects
         self._entries: dict[str, Entry[T]] = {}
         self._aliases: dict[str, str] = {}
         self._plugins_loaded = False
@@ -68,6 +74,9 @@ class Registry(Generic[T]):
             If the name is not lower-case snake case.
         DuplicateNameError
             If the name or an alias is taken and ``overwrite`` is false.
+        RegistrationError
+            If the registry's ``check`` rejects ``obj`` (e.g. a criterion that is not a
+            :class:`~tokenprune.criteria.base.Criterion` class); also a ``TypeError``.
         """
 
         def add(o: T) -> T:
@@ -83,6 +92,9 @@ class Registry(Generic[T]):
                     raise DuplicateNameError(f"{self.kind} {k!r} is already registered"
                                              + (f" by {owner.source}" if owner else "")
                                              + "; pass overwrite=True to replace it")
+            if self.check is not None and not self.check(o):
+                expects = self.expects or "accepted by the registry's check"
+                raise RegistrationError(f"{self.kind} {key!r} must be {expects}, got {o!r} of type {type(o).__name__}")
             self._entries[key] = Entry(key, o, source, version, tuple(aliases))
             for a in aliases:
                 self._aliases[a] = key
@@ -247,6 +259,8 @@ def make_api(registry: Registry) -> tuple[Callable, Callable, Callable]:
         The name is not lower-case snake case.
     DuplicateNameError
         The name or an alias is taken and ``overwrite`` is false.
+    RegistrationError
+        The object is not {registry.expects or 'accepted'} (also a ``TypeError``).
     """
     get.__doc__ = f"""The {kind} registered as ``name`` (or an alias), as registered: a class (a method: its factory).
 
@@ -268,7 +282,29 @@ def make_api(registry: Registry) -> tuple[Callable, Callable, Callable]:
     return register, get, list_
 
 
-criteria: Registry = Registry("criterion", "tokenprune.criteria")
-selectors: Registry = Registry("selector", "tokenprune.selectors")
-methods: Registry = Registry("method", "tokenprune.methods")
-adapters: Registry = Registry("adapter", "tokenprune.adapters")
+def subclass_check(module: str, qualname: str) -> Callable[[object], bool]:
+    """A registry check: is the object a class derived from ``module.qualname``?
+
+    The base is matched by its module and qualified name along the MRO, so this ground-layer module
+    checks criteria, selectors and adapters without importing the layers that define their bases.
+    """
+
+    def check(obj) -> bool:
+        return isinstance(obj, type) and any(getattr(c, "__module__", None) == module
+                                             and getattr(c, "__qualname__", None) == qualname for c in obj.__mro__)
+
+    check.__name__ = f"subclass_of_{qualname}"
+    return check
+
+
+criteria: Registry = Registry("criterion", "tokenprune.criteria",
+                              check=subclass_check("tokenprune.criteria.base", "Criterion"),
+                              expects="a subclass of tokenprune.Criterion")
+selectors: Registry = Registry("selector", "tokenprune.selectors",
+                               check=subclass_check("tokenprune.selectors.base", "Selector"),
+                               expects="a subclass of tokenprune.Selector")
+methods: Registry = Registry("method", "tokenprune.methods", check=callable,
+                             expects="a callable method factory ((budget=..., **params) -> PruningMethod)")
+adapters: Registry = Registry("adapter", "tokenprune.adapters",
+                              check=subclass_check("tokenprune.adapters.base", "ModelAdapter"),
+                              expects="a subclass of tokenprune.adapters.base.ModelAdapter")

@@ -23,6 +23,7 @@ Example line::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ def load_image(image):
     path = Path(image)
     if not path.exists():
         raise ImageError(f"image file not found: {str(path)!r}")
+    if path.is_dir():
+        raise ImageError(f"image path is not a file (it is a directory): {str(path)!r}")
     if not path.is_file():
         raise ImageError(f"image path is not a file: {str(path)!r}")
     try:
@@ -123,9 +126,9 @@ def read_vqa_jsonl(path, *, check_images: bool = True) -> list:
     Raises
     ------
     DatasetError
-        The file is missing or empty, a line is not a JSON object, a required field (``image``,
-        ``question``, ``answers``) is missing, or a field has the wrong type. The message names the
-        line number (1-based).
+        The file is missing, empty or not UTF-8 text (e.g. UTF-16), a line is not a JSON object, a
+        required field (``image``, ``question``, ``answers``) is missing, or a field has the wrong
+        type. The message names the line number (1-based).
     ImageError
         ``check_images`` and an image file does not exist (the message names the line).
     """
@@ -134,7 +137,17 @@ def read_vqa_jsonl(path, *, check_images: bool = True) -> list:
         raise DatasetError(f"data file not found: {str(path)!r}")
     base = path.parent
     out = []
-    with open(path, encoding="utf-8") as fh:
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4096]:  # a BOM or NUL bytes: UTF-16/32
+        raise DatasetError(f"{path.name}: the file is not UTF-8 text (it looks like UTF-16 or UTF-32); "
+                           f"save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted
+    except UnicodeDecodeError as e:
+        at = raw.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path.name}, line {at}: the file is not UTF-8 text ({e.reason}); "
+                           f"save it as UTF-8") from None
+    with io.StringIO(text, newline=None) as fh:  # universal newlines, as open() reads
         for lineno, line in enumerate(fh, 1):
             s = line.strip()
             if not s or s.startswith("#"):

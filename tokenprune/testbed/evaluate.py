@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UnsupportedModelError
+from ..errors import OutputPathError, UnsupportedModelError
 from ..evaluation.data import VQAExample, write_vqa_jsonl
 from . import scenes as S
 
@@ -101,6 +101,18 @@ def export_jsonl(out_dir, n: int = 50, seed: int = HELD_OUT_SEED) -> Path:
     -------
     pathlib.Path
         ``out_dir / "testbed.jsonl"`` (images in ``out_dir / "images"``).
+
+    Raises
+    ------
+    OutputPathError
+        ``out_dir``, or a folder above it, is an existing file (checked before any scene is drawn).
     """
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OutputPathError(f"export folder {str(out)!r}: {str(p)!r} is an existing file, not a folder "
+                                      f"(testbed.jsonl and images/ are written in a folder)")
+            break
     exs = held_out_examples(n=max(n, HELD_OUT_SIZE), seed=seed, limit=n)
     return write_vqa_jsonl(exs, Path(out_dir) / "testbed.jsonl")
