@@ -147,3 +147,40 @@ def test_every_method_runs_with_its_defaults_on_every_family(family, method, rec
     elif expect_cls:  # the automatic fallback says which signal it used
         assert vision[0] == ("text_similarity" if family.startswith("qwen") else "mean_attention")
         assert any("no vision [CLS] token" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "divprune"])
+def test_generate_without_cache_keeps_the_same_tokens_for_image_only_methods(method):
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    t = shared_tiny_vlm("llava", small=True, num_layers=4)
+    inputs = t.inputs(["What is shown?", "Describe the colours in this image, please."])
+    with torch.no_grad():
+        with tp.prune(t.model, method, budget=8) as cached:
+            a = t.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with tp.prune(t.model, method, budget=8) as uncached:
+            b = t.model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(a, b) and uncached.pruned_calls == 3
+    assert [k.tolist() for k in cached.stages[0].kept] == [k.tolist() for k in uncached.stages[0].kept]
+
+
+@pytest.mark.parametrize("method", ["fastv", "tops", "cdpruner"])
+def test_generate_without_cache_refuses_methods_that_read_the_text(method):
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    t = shared_tiny_vlm("llava", small=True, num_layers=4)
+    with pytest.raises(tp.StageError, match="use_cache=False.*reads the text"), torch.no_grad():
+        with tp.prune(t.model, method, budget=8):
+            t.model.generate(**t.inputs(), max_new_tokens=3, do_sample=False, use_cache=False)
+    with torch.no_grad(), tp.prune(t.model, method, budget=8):  # one forward without a cache is fine
+        t.model(**t.inputs(), use_cache=False)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "fastv"])
+def test_static_cache_is_refused_with_the_option_named(method):
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    t = shared_tiny_vlm("llava", small=True, num_layers=4)
+    with pytest.raises(tp.StageError, match="static KV cache.*default dynamic cache"), torch.no_grad():
+        with tp.prune(t.model, method, budget=8):
+            t.model.generate(**t.inputs(), max_new_tokens=2, do_sample=False, cache_implementation="static")

@@ -212,6 +212,13 @@ class Plan:
         """The first decoder layer an in-LLM stage acts at (``None``: no in-LLM stage)."""
         return min(self.llm_stages) if self.llm_stages else None
 
+    @property
+    def reads_the_text(self) -> bool:
+        """Whether a selection can change when the prompt's text grows: an in-LLM stage (hidden
+        states and attention of the whole sequence), or text similarity or text embeddings."""
+        return bool(self.llm_stages) or any(self.needs_text_embeddings(i, st)
+                                            for i, st in enumerate(self.method.stages))
+
     def needs_text_embeddings(self, index: int, stage: Stage) -> bool:
         """Whether stage ``index`` needs the prompt's text embeddings (relevance or its objective)."""
         if self.relevance[index] == "text_similarity":

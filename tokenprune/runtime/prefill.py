@@ -39,6 +39,7 @@ class PrefillRewriter:
         self.signals = signals
         self.select = select
         self.report = report
+        self._last_ids = None  # input_ids of the last prefill, to recognise generate's cache-less steps
 
     def __call__(self, kw: dict):
         """The rewritten keyword arguments and the prompt's state, or ``None`` to leave the call alone.
@@ -70,6 +71,7 @@ class PrefillRewriter:
         if not bool(img.any()):
             self.report.note("a prompt had no image tokens: nothing was pruned")
             return None
+        self._check_cache(kw, ids)
         B, L = ids.shape
         dev = ids.device
         mm = kw.get("mm_encoder_outputs")
@@ -80,7 +82,7 @@ class PrefillRewriter:
                 raise StageError("the prompt has image tokens but neither pixel_values nor mm_encoder_outputs")
             ikw["return_dict"] = True
             out = ad.base.get_image_features(**ikw)
-        rec = self.signals.pop_record(out)
+        rec = self.signals.record_of(out)
         pooler = out.pooler_output
         flat = ad.flatten_features(pooler).to(dev)
         counts = img.sum(1)
@@ -118,6 +120,30 @@ class PrefillRewriter:
         if self.plan.fallback_note:
             self.report.note(self.plan.fallback_note)
         return new, state
+
+    def _check_cache(self, kw: dict, ids) -> None:
+        """Refuse the cache set-ups pruning cannot follow, naming the option and what to use instead.
+
+        * A static (pre-allocated) KV cache, ``cache_implementation="static"`` or a ``StaticCache``:
+          its slots and ``cache_position`` follow the unpruned prompt, while pruning shortens the
+          prompt (before the LLM) or what later layers cache (inside it).
+        * ``generate(use_cache=False)`` with a method whose selection reads the text (in-LLM stages,
+          text similarity): every step reruns the whole prompt, growing by one token, so each step
+          would select again and keep other tokens. Methods that read only the image select the same
+          tokens at every step and run.
+        """
+        cache = kw.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise StageError(f"a static KV cache ({type(cache).__name__}, e.g. generate(cache_implementation="
+                             "'static')) is not supported with pruning: its slots follow the unpruned prompt's "
+                             "length; use generate's default dynamic cache")
+        last, self._last_ids = self._last_ids, ids
+        if (kw.get("use_cache") is False and self.plan.reads_the_text and last is not None
+                and last.shape[0] == ids.shape[0] and last.shape[1] < ids.shape[1]
+                and torch.equal(ids[:, : last.shape[1]], last.to(ids.device))):
+            raise StageError("generate(use_cache=False) reruns the whole prompt at every step, and this method's "
+                             "selection reads the text (an in-LLM stage or text similarity), so each step would "
+                             "keep other tokens; generate with the KV cache (use_cache=True, the default)")
 
     def _layout(self, pooler, rec, counts) -> TokenLayout:
         """The adapter's token layout, for prompts that ``generate`` repeated for beams.

@@ -312,8 +312,15 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     batch was padded). Inside the LLM the lengths must stay equal, so every sample needs the same
     number of visual tokens there.
 
-    Not supported: chunked prefill, static/compiled caches with in-LLM stages, flex attention masks,
-    assisted decoding (untested), continuing a cache with new images. Video tokens are not pruned.
+    Beam search and ``num_return_sequences`` work: the beams of a prompt share its kept set.
+    ``generate(use_cache=False)`` works for methods that read only the image (each step selects the
+    same tokens again) and raises :class:`~tokenprune.StageError` for methods whose selection reads
+    the text (in-LLM stages, text similarity), which would keep other tokens at every step.
+
+    Not supported (each raises an error that names it): static KV caches
+    (``cache_implementation="static"``, ``StaticCache``: use the default dynamic cache), chunked
+    prefill, flex attention masks, continuing a cache with new images. Assisted decoding is untested.
+    Video tokens are not pruned.
 
     References
     ----------

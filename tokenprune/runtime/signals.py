@@ -91,9 +91,13 @@ class SignalCapture:
                                                     pooler_output=getattr(out, "pooler_output", None)))
         return out
 
-    def pop_record(self, output) -> VisionRecord | None:
-        """The record of the ``get_image_features`` call that returned ``output`` (``None``: not seen)."""
-        entry = self._records.pop(id(output), None)
+    def record_of(self, output) -> VisionRecord | None:
+        """The record of the ``get_image_features`` call that returned ``output`` (``None``: not seen).
+
+        Records stay until newer calls push them out (:attr:`MAX_RECORDS`): ``generate`` without a
+        cache passes the same features to every step's forward.
+        """
+        entry = self._records.get(id(output))
         return entry[1] if entry is not None and entry[0]() is output else None
 
     def capture_cls(self, module, query, key, attention_mask, kwargs) -> None:
