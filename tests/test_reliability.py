@@ -25,11 +25,15 @@ class _Scores(ModularCriterion):
 SELECTORS = [Greedy(), Greedy(lazy=True), Greedy(stochastic=0.1), TopK(), TopK(largest=False)]
 
 
-def _check(sel, mask, k):
+def _check(sel, mask, k, at_most=False):
+    """Unique, ascending, valid indices: ``min(k, valid)`` per row (``k`` an int, or a Budget resolved per
+    row); with ``at_most``, between 1 and that many (pooling keeps the largest pooled grid that fits)."""
     idx, valid = sel.indices, sel.valid
     for b in range(idx.shape[0]):
         row = idx[b][valid[b]]
-        assert len(row) == min(k, int(mask[b].sum()))
+        n = int(mask[b].sum())
+        want = k.resolve(n) if isinstance(k, tp.Budget) else min(k, n)
+        assert (1 <= len(row) <= want) if at_most else len(row) == want
         assert len(set(row.tolist())) == len(row), f"duplicate indices {row.tolist()}"
         assert torch.all(row[1:] > row[:-1]) and bool(mask[b][row].all()), f"invalid indices {row.tolist()}"
 
@@ -184,3 +188,53 @@ def test_static_cache_is_refused_with_the_option_named(method):
     with pytest.raises(tp.StageError, match="static KV cache.*default dynamic cache"), torch.no_grad():
         with tp.prune(t.model, method, budget=8):
             t.model.generate(**t.inputs(), max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_calling_the_base_model_directly_warns_once():
+    from tokenprune.testing.tiny_models import shared_tiny_vlm
+
+    t = shared_tiny_vlm("llava", small=True, num_layers=4)
+    inputs = t.inputs()
+    with torch.no_grad(), tp.prune(t.model, "divprune", budget=8) as report:
+        with pytest.warns(UserWarning, match="only model\\(...\\) and model.generate\\(...\\) are pruned"):
+            t.model.model(**inputs)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither a second direct call nor a pruned call warns again
+            t.model.model(**inputs)
+            t.model(**inputs)
+    assert report.pruned_calls == 1
+
+
+@pytest.mark.parametrize("method", tp.list_methods())
+def test_any_budget_mask_dtype_and_batch_gives_valid_indices(method):
+    """Property: for every registered method on plain tensors, random budgets, padding masks, dtypes
+    (fp32, fp16, bf16) and batch layouts give unique, ascending, valid indices, as many as the budget
+    allows (every stage of multi-stage methods is run on its own)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from tokenprune.testing import strategies as tps
+
+    m = tp.create_method(method)
+
+    @given(data=st.data())
+    def check(data):
+        B = data.draw(st.integers(1, 3), label="batch")
+        side = data.draw(st.integers(2, 5), label="grid side")
+        N, D = side * side, data.draw(st.integers(3, 8), label="dim")
+        dtype = data.draw(tps.dtypes(), label="dtype")
+        feats = data.draw(tps.features((B, N, D), dtype=dtype), label="features")
+        mask = data.draw(tps.masks(B, N), label="mask")
+        budget = data.draw(tps.budgets(N), label="budget")
+        g = torch.Generator().manual_seed(data.draw(tps.seeds(), label="seed"))
+        signals = dict(relevance=torch.rand(B, N, generator=g), text_embeddings=torch.randn(B, 3, D, generator=g),
+                       text_mask=torch.ones(B, 3, dtype=torch.bool), grid=(side, side))
+        if data.draw(st.booleans(), label="full grid"):  # pooling and windows read the grid of a full mask
+            mask = torch.ones(B, N, dtype=torch.bool)
+        for stage in range(len(m.stages)):
+            sel = m.select(feats, budget=budget, mask=mask, stage=stage, **signals)
+            _check(sel, mask, tp.Budget(budget), at_most=method == "pooling")
+
+    check()

@@ -9,8 +9,8 @@ from ._version import __version__
 from .budget import Budget
 from .context import TokenContext, make_context
 from .errors import (BudgetError, ConfigError, DuplicateNameError, IncompatibleComponentsError,
-                     InvalidFeaturesError, MissingSignalError, PluginWarning, ShapeError, StageError,
-                     TokenPruneError, UnknownNameError, UnsupportedModelError)
+                     InvalidFeaturesError, MissingSignalError, ParameterError, PluginWarning, ShapeError,
+                     StageError, TokenPruneError, UnknownNameError, UnsupportedModelError)
 from .selection import Selection
 from . import criteria, selectors  # noqa: E402  (registers the built-ins)
 from .criteria import Criterion, ModularCriterion, Tags, WeightedSum
@@ -30,6 +30,7 @@ __all__ = [
     "list_criteria", "register_criterion", "create_selector", "get_selector", "list_selectors", "register_selector",
     "get_adapter", "list_adapters", "register_adapter",
     "TokenPruneError", "BudgetError", "ConfigError", "DuplicateNameError", "IncompatibleComponentsError",
-    "InvalidFeaturesError", "MissingSignalError", "PluginWarning", "ShapeError", "StageError", "UnknownNameError",
-    "UnsupportedModelError", "criteria", "selectors", "methods", "prune", "PruneReport", "VisionCache",
+    "InvalidFeaturesError", "MissingSignalError", "ParameterError", "PluginWarning", "ShapeError", "StageError",
+    "UnknownNameError", "UnsupportedModelError", "criteria", "selectors", "methods", "prune", "PruneReport",
+    "VisionCache",
 ]

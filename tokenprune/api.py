@@ -154,6 +154,10 @@ def select(method, features, *, budget, relevance=None, mask=None, stage: int = 
     Raises
     ------
     BudgetError, ShapeError, InvalidFeaturesError, MissingSignalError, UnknownNameError
+    StageIndexError
+        ``stage`` is not one of the method's stages (also an ``IndexError``).
+    ParameterError
+        A ``seed`` that is not an int.
 
     Notes
     -----

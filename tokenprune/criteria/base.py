@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..context import TokenContext
-from ..errors import ConfigError, IncompatibleComponentsError
+from ..errors import ConfigError, IncompatibleComponentsError, ParameterError
 from ..selection import Selection
 
 NORMALIZATIONS = ("none", "minmax", "mean")
@@ -275,7 +275,7 @@ def normalize_gains(gains: torch.Tensor, candidates: torch.Tensor, mode: str) ->
         mean = (gains * candidates).sum(1, keepdim=True) / n
         ok = mean.abs() > 1e-12
         return torch.where(ok, gains / torch.where(ok, mean.abs(), torch.ones_like(mean)), gains)
-    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
+    raise ParameterError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,7 +297,7 @@ class WeightedSum(Criterion):
 
     Raises
     ------
-    ValueError
+    ParameterError
         A negative or non-finite weight, an empty sum, or an unknown ``normalize``.
     """
 
@@ -306,18 +306,18 @@ class WeightedSum(Criterion):
 
     def __post_init__(self):
         if not self.terms:
-            raise ValueError("a weighted sum needs at least one term")
+            raise ParameterError("a weighted sum needs at least one term")
         clean = []
         for t in self.terms:
             w, c = t
             if isinstance(w, bool) or not isinstance(w, numbers.Real) or not float(w) >= 0 or w == float("inf"):
-                raise ValueError(f"criterion weights must be finite and >= 0, got {w!r}")
+                raise ParameterError(f"criterion weights must be finite and >= 0, got {w!r}")
             if not isinstance(c, Criterion):
                 raise IncompatibleComponentsError(f"only criteria can be weighted and summed, got {type(c).__name__}")
             clean.append((float(w), c))
         object.__setattr__(self, "terms", tuple(clean))
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+            raise ParameterError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
 
     @classmethod
     def of(cls, terms, normalize: str = "none") -> "WeightedSum":

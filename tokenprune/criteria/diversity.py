@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import MissingSignalError
+from ..errors import MissingSignalError, ParameterError
 from ..registry import criteria
 from ._kernels import gather_row
 from .base import Criterion, Tags
@@ -119,8 +119,8 @@ class LogDet(Criterion):
 
     Raises
     ------
-    ValueError
-        Unknown option or ``eps <= 0`` or ``theta`` outside [0, 1).
+    ParameterError
+        Unknown option, ``eps <= 0``, ``theta`` outside [0, 1), or a non-bool ``normalize_quality``.
     MissingSignalError
         ``quality`` needs ``ctx.relevance`` or ``ctx.text_embeddings``, which are absent.
 
@@ -159,16 +159,18 @@ class LogDet(Criterion):
 
     def __post_init__(self):
         if self.quality not in QUALITY_SOURCES:
-            raise ValueError(f"quality must be one of {QUALITY_SOURCES}, got {self.quality!r}")
+            raise ParameterError(f"quality must be one of {QUALITY_SOURCES}, got {self.quality!r}")
         if self.reduce not in ("mean", "max"):
-            raise ValueError(f"reduce must be 'mean' or 'max', got {self.reduce!r}")
+            raise ParameterError(f"reduce must be 'mean' or 'max', got {self.reduce!r}")
         if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+            raise ParameterError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0 < self.eps < math.inf:
-            raise ValueError(f"eps must be a positive finite float, got {self.eps!r}")
+            raise ParameterError(f"eps must be a positive finite float, got {self.eps!r}")
         if self.theta is not None and (isinstance(self.theta, bool) or not isinstance(self.theta, numbers.Real)
                                        or not 0.0 <= self.theta < 1.0):
-            raise ValueError(f"theta must be None or in [0, 1), got {self.theta!r}")
+            raise ParameterError(f"theta must be None or in [0, 1), got {self.theta!r}")
+        if not isinstance(self.normalize_quality, bool):
+            raise ParameterError(f"normalize_quality must be a bool, got {self.normalize_quality!r}")
 
     @property
     def tags(self) -> Tags:  # type: ignore[override]

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ParameterError
 from ..registry import criteria
 from .base import ModularCriterion, Tags
 
@@ -42,7 +43,7 @@ class PivotDissimilarity(ModularCriterion):
 
     Raises
     ------
-    ValueError
+    ParameterError
         ``num_pivots`` not a positive int, or an unknown ``reduce``.
     MissingSignalError
         ``ctx.relevance`` (the pivot scores) is absent.
@@ -78,9 +79,9 @@ class PivotDissimilarity(ModularCriterion):
     def __post_init__(self):
         if isinstance(self.num_pivots, bool) or not isinstance(self.num_pivots, numbers.Integral) \
                 or self.num_pivots < 1:
-            raise ValueError(f"num_pivots must be a positive int, got {self.num_pivots!r}")
+            raise ParameterError(f"num_pivots must be a positive int, got {self.num_pivots!r}")
         if self.reduce not in ("max", "mean"):
-            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+            raise ParameterError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
 
     def scores(self, ctx) -> torch.Tensor:
         B, N = ctx.mask.shape

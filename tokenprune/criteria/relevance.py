@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ..errors import MissingSignalError
+from ..errors import MissingSignalError, ParameterError
 from ..registry import criteria
 from .base import ModularCriterion, Tags
 
@@ -30,6 +30,8 @@ class Relevance(ModularCriterion):
 
     Raises
     ------
+    ParameterError
+        An unknown ``source`` or ``reduce``.
     MissingSignalError
         The needed signal is absent.
 
@@ -55,9 +57,9 @@ class Relevance(ModularCriterion):
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+            raise ParameterError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.reduce not in ("max", "mean"):
-            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+            raise ParameterError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
 
     def check(self, ctx):
         need = "relevance" if self.source == "given" else "text_embeddings"

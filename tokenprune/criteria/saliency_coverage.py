@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ParameterError
 from ..registry import criteria
 from .base import Criterion, Tags
 
@@ -42,7 +43,7 @@ class SaliencyCoverage(Criterion):
 
     Raises
     ------
-    ValueError
+    ParameterError
         Negative or non-finite ``alpha``, or an unknown ``combine``.
     MissingSignalError
         ``ctx.relevance`` (the saliency) is absent.
@@ -80,9 +81,9 @@ class SaliencyCoverage(Criterion):
     def __post_init__(self):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) \
                 or not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+            raise ParameterError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         if self.combine not in ("multiply", "add"):
-            raise ValueError(f"combine must be 'multiply' or 'add', got {self.combine!r}")
+            raise ParameterError(f"combine must be 'multiply' or 'add', got {self.combine!r}")
 
     @property
     def tags(self) -> Tags:  # type: ignore[override]

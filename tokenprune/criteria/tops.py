@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import MissingSignalError
+from ..errors import MissingSignalError, ParameterError
 from ..registry import criteria
 from ..selection import from_order
 from ._kernels import fixed_point_similarity, gather_rows, row_blocks
@@ -63,8 +63,9 @@ class TOPSObjective(Criterion):
 
     Raises
     ------
-    ValueError
-        Negative or non-finite weights, unknown ``normalize``, ``source`` or ``reduce``.
+    ParameterError
+        Negative or non-finite weights, unknown ``normalize``, ``source`` or ``reduce``, or a
+        non-bool ``incremental``.
     MissingSignalError
         The relevance signal is absent.
 
@@ -115,13 +116,15 @@ class TOPSObjective(Criterion):
         for name in ("coverage_weight", "diversity_weight"):
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, numbers.Real) or not 0.0 <= float(w) < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+                raise ParameterError(f"{name} must be a finite number >= 0, got {w!r}")
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+            raise ParameterError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+            raise ParameterError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.reduce not in ("max", "mean"):
-            raise ValueError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+            raise ParameterError(f"reduce must be 'max' or 'mean', got {self.reduce!r}")
+        if not isinstance(self.incremental, bool):
+            raise ParameterError(f"incremental must be a bool, got {self.incremental!r}")
 
     @property
     def tags(self) -> Tags:  # type: ignore[override]

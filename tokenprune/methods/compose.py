@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from ..budget import Budget, as_budget
 from ..context import make_context
 from ..criteria.base import Criterion, Tags, as_criterion
-from ..errors import ConfigError, IncompatibleComponentsError, StageError
+from ..errors import (ConfigError, IncompatibleComponentsError, ParameterError, ShapeError, StageError,
+                      StageIndexError)
 from ..registry import methods as _method_registry
 from ..selection import Selection
 from ..selectors.base import Selector, as_selector
@@ -19,6 +21,15 @@ POSITIONS = ("preserve", "compact")
 RATERS = ("last_token", "all_text_mean", "dynamic")
 #: Where a stage's relevance scores come from when a method is applied to a model.
 RELEVANCE_SOURCES = (None, "cls_attention", "text_attention", "text_similarity", "key_norm")
+
+
+def _is_int(x) -> bool:
+    """Whether ``x`` is an int (or an int-like index, e.g. a NumPy integer)."""
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,7 +202,31 @@ class PruningMethod:
 
     # -- selection core ----------------------------------------------------------------------------
     def select(self, features, *, budget=None, relevance=None, mask=None, stage: int = 0, **signals) -> Selection:
-        """Run one stage's selection on plain tensors (see :func:`tokenprune.select`)."""
+        """Run one stage's selection on plain tensors (see :func:`tokenprune.select`).
+
+        Raises
+        ------
+        StageIndexError
+            ``stage`` is not the index of one of the method's stages (also an ``IndexError``).
+        ParameterError
+            A ``seed`` that is not an int.
+        ShapeError
+            A ``grid`` that is not a pair of positive ints.
+        """
+        n = len(self.stages)
+        if not _is_int(stage) or not -n <= stage < n:
+            raise StageIndexError(f"stage must be the index of one of the method's {n} stage(s), 0..{n - 1}; "
+                                  f"got {stage!r}")
+        if "seed" in signals and not _is_int(signals["seed"]):
+            raise ParameterError(f"seed must be an int, got {signals['seed']!r}")
+        grid = signals.get("grid")
+        if grid is not None:
+            try:
+                dims = [int(g) for g in grid]
+            except (TypeError, ValueError):
+                dims = []  # not a pair of numbers: make_context says so
+            if any(d <= 0 for d in dims):
+                raise ShapeError(f"grid must be a (rows, cols) pair of positive ints, got {grid!r}")
         st = self.stages[stage]
         ctx = make_context(features, mask=mask, relevance=relevance, **signals)
         return st.selector.select(st.objective, ctx, st.budget if budget is None else budget)

@@ -44,7 +44,7 @@ def pyramiddrop(budget=0.5, ratio=0.5, layers=(8, 16, 24), reference_depth=32, r
     BudgetError
         Invalid budget or ratio.
     StageError
-        Layers not strictly increasing.
+        Layers not a sequence, or not strictly increasing.
 
     Notes
     -----
@@ -67,7 +67,10 @@ def pyramiddrop(budget=0.5, ratio=0.5, layers=(8, 16, 24), reference_depth=32, r
     r = as_budget(ratio)
     if not r.is_fraction:
         raise ConfigError(f"ratio must be a float in (0, 1] (fraction of the tokens left), got {ratio!r}")
-    layers = list(layers)
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise StageError(f"layers must be a sequence of decoder layers, e.g. (8, 16, 24), got {layers!r}") from None
     if not layers:
         raise StageError("pyramiddrop needs at least one layer")
     stages = [Stage(objective=crit("relevance"), selector=sel("topk"), budget=budget if i == 0 else r.value,

@@ -56,7 +56,8 @@ def wrapper_name(impl: str) -> str:
     Raises
     ------
     UnsupportedModelError
-        ``impl`` has no mask function we can reuse (e.g. a custom kernel).
+        ``impl`` is flex attention (its mask is a ``BlockMask``, from which the wrapper cannot compute
+        attention rows), or has no mask function we can reuse (e.g. a custom kernel).
     """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -68,6 +69,10 @@ def wrapper_name(impl: str) -> str:
         impl = "eager"
     if impl.startswith(PREFIX):
         return impl
+    if "flex_attention" in impl:
+        raise UnsupportedModelError(f"attention implementation {impl!r}: flex attention is not supported by methods "
+                                    "that read attention (its mask is a BlockMask); load the model with "
+                                    "attn_implementation='sdpa' or 'eager'")
     name = f"{PREFIX}{impl}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         if impl not in ALL_MASK_ATTENTION_FUNCTIONS or (impl != "eager" and impl not in ALL_ATTENTION_FUNCTIONS):

@@ -8,10 +8,11 @@ model is raised here, at ``prune(...)`` time.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
-from ..errors import StageError
+from ..errors import ParameterError, StageError
 from ..methods.build import accepted_parameters, resolve_method
 from ..methods.compose import PruningMethod, Stage
 
@@ -111,9 +112,11 @@ class Plan:
 
         Raises
         ------
+        ParameterError
+            A ``seed`` that is not an int.
         StageError
-            An unknown ``newlines`` policy or ``cls_fallback``, a ``dynamic_threshold`` outside
-            ``[0, 1]``, a stage layer at or beyond the model's depth, layers that collide after
+            An unknown ``newlines`` policy or ``cls_fallback``, a ``dynamic_threshold`` that is not a
+            number in ``[0, 1]``, a stage layer at or beyond the model's depth, layers that collide after
             scaling, an int budget above what the previous stage keeps, an LLM-attention relevance
             before the LLM.
         UnsupportedModelError
@@ -123,9 +126,15 @@ class Plan:
             raise StageError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
         if cls_fallback not in CLS_FALLBACKS:
             raise StageError(f"cls_fallback must be one of {CLS_FALLBACKS}, got {cls_fallback!r}")
-        if not 0.0 <= float(dynamic_threshold) <= 1.0:
+        try:
+            threshold = float(dynamic_threshold)
+        except (TypeError, ValueError):
+            threshold = float("nan")
+        if isinstance(dynamic_threshold, bool) or not 0.0 <= threshold <= 1.0:
             raise StageError(f"dynamic_threshold is a fraction of the largest rater's image attention, in [0, 1]; "
                              f"got {dynamic_threshold!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ParameterError(f"seed must be an int, got {seed!r}")
         plan = cls(method=method, newlines=newlines, cls_fallback=cls_fallback,
                    dynamic_threshold=float(dynamic_threshold), seed=int(seed))
         plan._place_stages(adapter, model_name)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..criteria.coverage import Coverage, facility_location_greedy
+from ..errors import ParameterError
 from ..registry import selectors
 from .base import Selector
 
@@ -30,6 +31,8 @@ class FacilityLocationGreedy(Selector):
 
     Raises
     ------
+    ParameterError
+        ``lazy`` is not a bool.
     IncompatibleComponentsError
         The objective is not a :class:`~tokenprune.criteria.Coverage`.
 
@@ -60,6 +63,10 @@ class FacilityLocationGreedy(Selector):
 
     objective_types: ClassVar[tuple] = (Coverage,)
     lazy: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.lazy, bool):
+            raise ParameterError(f"lazy must be a bool, got {self.lazy!r}")
 
     def _select(self, objective, ctx, k):
         return facility_location_greedy(ctx, k, lazy=self.lazy)

@@ -39,7 +39,7 @@ class Greedy(Selector):
 
     Raises
     ------
-    ValueError
+    ParameterError
         ``stochastic`` outside (0, 1), or both ``lazy`` and ``stochastic``.
     IncompatibleComponentsError
         ``lazy=True`` with a criterion whose gains may increase (e.g. TOPS's normalised score).

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import ParameterError
 from ..registry import selectors
 from ..selection import from_order
 from .base import Selector
@@ -26,7 +27,7 @@ class Random(Selector):
 
     Raises
     ------
-    ValueError
+    ParameterError
         A seed that is not an int.
 
     Notes
@@ -54,7 +55,7 @@ class Random(Selector):
 
     def __post_init__(self):
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise ParameterError(f"seed must be an int or None, got {self.seed!r}")
 
     def _select(self, objective, ctx, k):
         B, N = ctx.mask.shape

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import MissingSignalError
+from ..errors import MissingSignalError, ParameterError, ShapeError
 from ..registry import selectors
 from ..selection import from_order
 from .base import Selector
@@ -20,8 +20,13 @@ _BIG = torch.iinfo(torch.long).max
 
 
 def resolve_grid(ctx, who: str) -> tuple[int, int]:
-    """``ctx.grid``, or ``(r, r)`` when ``N = r²``; else :class:`MissingSignalError`."""
+    """``ctx.grid``, or ``(r, r)`` when ``N = r²``; else :class:`MissingSignalError`.
+
+    A grid with a dimension that is not positive raises :class:`ShapeError`.
+    """
     if ctx.grid is not None:
+        if any(int(g) <= 0 for g in ctx.grid):
+            raise ShapeError(f"{who} needs a (rows, cols) grid of positive ints, got {tuple(ctx.grid)!r}")
         return tuple(ctx.grid)
     n = ctx.num_tokens
     r = math.isqrt(n)
@@ -294,7 +299,7 @@ class WindowTopK(Selector):
 
     Raises
     ------
-    ValueError
+    ParameterError
         ``windows`` not a positive int or pair.
     MissingSignalError
         No ``ctx.grid``, no ``coords`` signal and ``N`` is not a square; a valid token without
@@ -331,7 +336,7 @@ class WindowTopK(Selector):
         parts = [w] if isinstance(w, numbers.Integral) else (list(w) if isinstance(w, (tuple, list)) else None)
         if (not parts or len(parts) > 2
                 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in parts)):
-            raise ValueError(f"windows must be a positive int or a pair of positive ints, got {w!r}")
+            raise ParameterError(f"windows must be a positive int or a pair of positive ints, got {w!r}")
         object.__setattr__(self, "windows", int(w) if len(parts) == 1 and not isinstance(w, (tuple, list))
                            else tuple(int(v) for v in (parts * 2)[:2]))
 

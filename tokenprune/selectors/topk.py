@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..criteria._loops import rank_keys
+from ..errors import ParameterError
 from ..registry import selectors
 from ..selection import from_order
 from .base import Selector
@@ -26,6 +27,11 @@ class TopK(Selector):
         ``False`` keeps the smallest gains instead (ReverseFastV: the usual reading of the seed paper's
         baseline, arXiv:2502.11501, which keeps the lowest-attention tokens).
 
+    Raises
+    ------
+    ParameterError
+        ``largest`` is not a bool.
+
     Examples
     --------
     >>> import torch, tokenprune as tp
@@ -38,6 +44,10 @@ class TopK(Selector):
     """
 
     largest: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.largest, bool):
+            raise ParameterError(f"largest must be a bool, got {self.largest!r}")
 
     def _select(self, objective, ctx, k):
         with torch.no_grad():

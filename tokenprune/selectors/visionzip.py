@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import round_count
-from ..errors import MissingSignalError
+from ..errors import MissingSignalError, ParameterError
 from ..registry import selectors
 from ..selection import from_order
 from .base import Selector
@@ -86,7 +86,7 @@ class VisionZip(Selector):
 
     Raises
     ------
-    ValueError
+    ParameterError
         Invalid parameters.
     MissingSignalError
         ``merge_by="keys"`` without a ``keys`` signal.
@@ -120,11 +120,11 @@ class VisionZip(Selector):
     def __post_init__(self):
         r = self.contextual_ratio
         if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0.0 <= float(r) < 1.0):
-            raise ValueError(f"contextual_ratio must be a number in [0, 1), got {r!r}")
+            raise ParameterError(f"contextual_ratio must be a number in [0, 1), got {r!r}")
         if self.merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+            raise ParameterError(f"merge must be one of {MERGES}, got {self.merge!r}")
         if self.merge_by not in MERGE_BY:
-            raise ValueError(f"merge_by must be one of {MERGE_BY}, got {self.merge_by!r}")
+            raise ParameterError(f"merge_by must be one of {MERGE_BY}, got {self.merge_by!r}")
 
     def _select(self, objective, ctx, k):
         if self.merge_by == "keys":
