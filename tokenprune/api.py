@@ -134,8 +134,10 @@ def select(method, features, *, budget, relevance=None, mask=None, stage: int = 
         A method, a registered method name (built with its defaults), or a config.
     features : torch.Tensor
         ``[B, N, D]`` (or ``[N, D]``) visual-token features, fp32, fp16 or bf16.
-    budget : int or float
+    budget : int, float or None
         Tokens kept (int >= 1) or fraction kept (float in (0, 1]); at or above the valid count keeps all.
+        Required, so that a selection never depends silently on a method's default; ``None`` says so
+        explicitly: the stage's own budget (for a registered method, its default, e.g. 64).
     relevance : torch.Tensor, optional
         ``[B, N]`` relevance scores ([CLS] or text attention, ...), for methods that need them.
     mask : torch.Tensor, optional

@@ -204,6 +204,9 @@ class PruningMethod:
     def select(self, features, *, budget=None, relevance=None, mask=None, stage: int = 0, **signals) -> Selection:
         """Run one stage's selection on plain tensors (see :func:`tokenprune.select`).
 
+        ``budget=None`` (default here) uses the stage's own budget; any other value replaces it for
+        this call.
+
         Raises
         ------
         StageIndexError
