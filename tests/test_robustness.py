@@ -202,3 +202,47 @@ def test_prune_seed_and_dynamic_threshold_raise_named_errors(kw, error, fragment
     t = _tiny()
     with pytest.raises(error, match=fragment):
         tp.prune(t.model, "fastv", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the probe's other bad inputs on plain tensors: each raises a named error that says what is wrong
+_F, _R = torch.randn(2, 16, 8), torch.rand(2, 16)
+_BAD_INPUTS = {
+    "budget 0": (lambda: tp.select("fastervlm", _F, relevance=_R, budget=0), errors.BudgetError, "must be >= 1"),
+    "budget negative": (lambda: tp.select("fastervlm", _F, relevance=_R, budget=-3), errors.BudgetError, ">= 1"),
+    "budget NaN": (lambda: tp.select("fastervlm", _F, relevance=_R, budget=float("nan")), errors.BudgetError,
+                   "in \\(0, 1\\]"),
+    "budget bool": (lambda: tp.select("fastervlm", _F, relevance=_R, budget=True), errors.BudgetError, "got True"),
+    "budget str": (lambda: tp.select("fastervlm", _F, relevance=_R, budget="8"), errors.BudgetError, "got '8'"),
+    "budget 1.5": (lambda: tp.select("fastervlm", _F, relevance=_R, budget=1.5), errors.BudgetError, "for a count"),
+    "features NaN": (lambda: tp.select("divprune", _F.clone().index_fill_(1, torch.tensor([3]), float("nan")),
+                                       budget=4), errors.InvalidFeaturesError, "NaN or inf"),
+    "features inf": (lambda: tp.select("divprune", _F.clone().index_fill_(1, torch.tensor([3]), float("inf")),
+                                       budget=4), errors.InvalidFeaturesError, "NaN or inf"),
+    "features rank 4": (lambda: tp.select("divprune", _F[None], budget=4), errors.ShapeError, "\\[B, N, D\\]"),
+    "features rank 1": (lambda: tp.select("divprune", _F[0, 0], budget=4), errors.ShapeError, "\\[B, N, D\\]"),
+    "features empty": (lambda: tp.select("divprune", _F[:, :0], budget=4), errors.ShapeError, "at least one token"),
+    "features int": (lambda: tp.select("divprune", _F.long(), budget=4), errors.InvalidFeaturesError,
+                     "floating-point"),
+    "mask all False": (lambda: tp.select("divprune", _F, budget=4, mask=torch.zeros(2, 16, dtype=torch.bool)),
+                       errors.InvalidFeaturesError, "all-padding row"),
+    "mask mis-shaped": (lambda: tp.select("divprune", _F, budget=4, mask=torch.ones(2, 15, dtype=torch.bool)),
+                        errors.ShapeError, "mask must be \\[B, N\\]"),
+    "relevance mis-shaped": (lambda: tp.select("fastervlm", _F, relevance=torch.rand(2, 15), budget=4),
+                             errors.ShapeError, "relevance must be \\[B, N\\]"),
+    "relevance missing": (lambda: tp.select("fastervlm", _F, budget=4), errors.MissingSignalError, "ctx.relevance"),
+    "text embeddings mis-shaped": (lambda: tp.select("cdpruner", _F, relevance=_R, budget=4,
+                                                     text_embeddings=torch.randn(2, 3, 7)),
+                                   errors.ShapeError, "text_embeddings must be \\[B, T, D\\]"),
+    "unknown method": (lambda: tp.create_method("fastvv"), errors.UnknownNameError, "Did you mean 'fastv'"),
+    "unknown criterion": (lambda: tp.create_criterion("coverag"), errors.UnknownNameError, "Did you mean 'coverage'"),
+    "unknown selector": (lambda: tp.create_selector("gredy"), errors.UnknownNameError, "Did you mean 'greedy'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS))
+def test_bad_inputs_raise_named_errors(case):
+    call, error, fragment = _BAD_INPUTS[case]
+    with pytest.raises(error, match=fragment) as info:
+        call()
+    assert isinstance(info.value, errors.TokenPruneError)
