@@ -391,6 +391,21 @@ class ModelAdapter:
             return rot(hidden, position_ids, types[layer_idx] if types else None)
         return rot(hidden, position_ids)
 
+    # -- KV cache -------------------------------------------------------------------------------
+    #: Names under which a forward's kwargs and outputs carry the KV cache, newest first:
+    #: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is still accepted,
+    #: deprecated, and user code may pass either); 5.20-5.23 use ``past_key_values``.
+    cache_keys: ClassVar[tuple] = ("cache", "past_key_values")
+
+    def kv_cache(self, mapping) -> Any:
+        """The KV cache in a forward's kwargs or in its output (a dict, a ``ModelOutput`` or an object
+        with the attribute), under whichever of :attr:`cache_keys` holds one, else ``None``."""
+        for key in self.cache_keys:
+            v = mapping.get(key) if hasattr(mapping, "get") else getattr(mapping, key, None)
+            if v is not None:
+                return v
+        return None
+
     # -- checks ---------------------------------------------------------------------------------
     def check_pre_llm(self, kept: list) -> None:
         """Raise if the model cannot take the image tokens a before-LLM stage kept, ``kept[b]`` per

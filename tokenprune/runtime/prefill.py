@@ -100,7 +100,7 @@ class PrefillRewriter:
         new["mm_encoder_outputs"] = new_mm
 
         state = PromptState(batch_size=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"),
-                            cache_in=kw.get("past_key_values"))
+                            cache_in=ad.kv_cache(kw))
         state.visual = self._initial_visual(img, layout, counts)
         self.report.visual_tokens = as_list(counts)
         state.counts_after_pre = state.visual.counts()
@@ -132,7 +132,7 @@ class PrefillRewriter:
           would select again and keep other tokens. Methods that read only the image select the same
           tokens at every step and run.
         """
-        cache = kw.get("past_key_values")
+        cache = self.adapter.kv_cache(kw)
         if cache is not None and getattr(cache, "is_compileable", False):
             raise StageError(f"a static KV cache ({type(cache).__name__}, e.g. generate(cache_implementation="
                              "'static')) is not supported with pruning: its slots follow the unpruned prompt's "
@@ -273,7 +273,7 @@ class PrefillRewriter:
         pmax = max_rows(pos)
         state.next_pos = pmax.masked_fill(~valid_new, -1).amax(1) + 1
         state.shift = orig_next - state.next_pos
-        if new_mask is None and gaps and kw.get("past_key_values") is None:
+        if new_mask is None and gaps and ad.kv_cache(kw) is None:
             new_mask = torch.ones(B, Lp, dtype=torch.long, device=dev)  # see HF_HOOKS: packed-sequence detection
         if new_mask is not None or am is not None:
             new["attention_mask"] = new_mask

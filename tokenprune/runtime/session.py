@@ -29,6 +29,7 @@ to map tokens to patches, and because the vision tower's [CLS] attention is capt
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 
 from ..adapters import get_model_adapter
@@ -80,6 +81,8 @@ class PruneSession:
         self._phase: str | None = None           # PREFILL or DECODE while a top-level forward runs
         self._state: PromptState | None = None   # the prompt that forward belongs to
         self._states: dict = {}                  # id(cache) -> (weakref to the cache, PromptState)
+        self._outer_active = False                # a top-level forward is running
+        self._warned_direct = False
 
     @property
     def llm_stages(self) -> dict:
@@ -118,6 +121,7 @@ class PruneSession:
             hooks.capture_attention(mod, self.signals.vision_callback())
         hooks.forward_pre_hook(self.model, self._outer_pre)
         hooks.forward_hook(self.model, self._outer_post)
+        hooks.forward_pre_hook(ad.layers[0], self._direct_call_check)
         if plan.llm_stages:
             for li in range(plan.first_llm_layer, ad.depth):
                 hooks.forward_pre_hook(ad.layers[li], self._layer_pre_hook(li))
@@ -127,6 +131,7 @@ class PruneSession:
         self.signals.clear()
         self._states.clear()
         self._state, self._phase = None, None
+        self._outer_active = False
         _ACTIVE.discard(self.model)
         self._entered = False
 
@@ -150,6 +155,16 @@ class PruneSession:
             return self.layers.prefill(layer_idx, state, args, kwargs)
         return hook
 
+    def _direct_call_check(self, module, args, kwargs):
+        """Decoder layer 0 outside a top-level forward: the base or language model was called directly,
+        which nothing prunes; say so once."""
+        if not self._outer_active and not self._warned_direct:
+            self._warned_direct = True
+            warnings.warn(f"tokenprune: the language model of {type(self.model).__name__} ran outside a call of the "
+                          "model itself (e.g. model.model(...) or model.language_model(...)); only model(...) and "
+                          "model.generate(...) are pruned inside prune()", UserWarning, stacklevel=2)
+        return None
+
     def _bind(self, args, kwargs) -> dict:
         """The top-level call's arguments as keywords."""
         if not args:
@@ -163,8 +178,9 @@ class PruneSession:
     def _outer_pre(self, module, args, kwargs):
         """Top-level pre-hook: a prefill (no cache yet) is rewritten, a decoding step is mapped."""
         self._phase, self._state = None, None
+        self._outer_active = True
         kw = self._bind(args, kwargs)
-        pkv = kw.get("past_key_values")
+        pkv = self.adapter.kv_cache(kw)
         past = pkv.get_seq_length() if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         if past > 0:
             state = self._find_state(pkv)
@@ -184,13 +200,14 @@ class PruneSession:
         """Top-level forward hook: after a prefill, remember its state under its cache and report."""
         state, phase = self._state, self._phase
         self._phase, self._state = None, None
+        self._outer_active = False
         if state is None or phase != PREFILL:
             return None
         missing = set(self.plan.llm_stages) - state.done_layers
         if missing:
             raise StageError(f"in-LLM stages at layers {sorted(missing)} did not run (the text model did not call "
                              "those layers during the prefill); chunked prefill is not supported")
-        pkv = getattr(output, "past_key_values", None) if not isinstance(output, tuple) else None
+        pkv = self.adapter.kv_cache(output) if not isinstance(output, tuple) else None
         if pkv is None and isinstance(output, tuple):
             pkv = next((o for o in output if hasattr(o, "get_seq_length")), None)
         if pkv is None:
