@@ -116,3 +116,18 @@ def test_bad_arguments_raise_named_errors():
         tp.prune(model, "divprune", vision_cache={})
     with pytest.raises(TokenPruneError, match="max_bytes"):
         tp.VisionCache(max_bytes=-1)
+
+
+def test_beam_search_does_not_change_the_cached_features():
+    # generate(num_beams=2) replaces the output's pooler_output with a repeated one: on a cached output
+    # that would hand later calls the features of twice as many prompts
+    model, inputs = _tiny("llava")
+    cache = tp.VisionCache()
+    gen = dict(max_new_tokens=3, do_sample=False, num_beams=2)
+    with torch.no_grad():
+        with tp.prune(model, "divprune", budget=8):
+            ref = model.generate(**inputs, **gen)
+        for _ in range(2):
+            with tp.prune(model, "divprune", budget=8, vision_cache=cache):
+                assert torch.equal(model.generate(**inputs, **gen), ref)
+    assert cache.stats()["hits"] >= 1

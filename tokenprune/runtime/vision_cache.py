@@ -11,6 +11,7 @@ contexts (``tokenprune.prune(..., vision_cache=cache)``) and to unpruned calls
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import time
@@ -128,7 +129,8 @@ class VisionCache:
     stale entry.
 
     **What is kept.** References to the call's input tensors (not copies), the model's output object
-    as returned (the same object is handed to every hit; the runtime never modifies it), and per
+    as returned (every call gets a shallow copy of it: the same tensors in a new container, since
+    ``generate`` with beams replaces the container's ``pooler_output`` with a repeated one), and per
     signal kind (``"cls"``: the [CLS] attention row, ``"mean"``: mean attention per patch) the
     float32 signal. A pruning context that needs a signal the entry lacks runs the tower once more
     with the capture on and adds the signal to the entry.
@@ -263,7 +265,7 @@ class VisionCache:
         if entry is not None and (signal_kind is None or signal_kind in entry.signals):
             self.hits += 1
             self.saved_ms += entry.compute_ms[None] + (entry.compute_ms.get(signal_kind, 0.0) if signal_kind else 0.0)
-            return entry.output, entry.signals.get(signal_kind) if signal_kind else None
+            return copy.copy(entry.output), entry.signals.get(signal_kind) if signal_kind else None
         self.misses += 1
         t0 = time.perf_counter()
         output, signal = compute()
@@ -275,9 +277,9 @@ class VisionCache:
                 entry.compute_ms[signal_kind] = ms
                 entry.nbytes += _nbytes(signal)
                 self.nbytes += _nbytes(signal)
-            return entry.output, signal
+            return copy.copy(entry.output), signal
         self._store(key, arguments, output, signal_kind, signal, ms)
-        return output, signal
+        return copy.copy(output), signal
 
     # -- unpruned calls ------------------------------------------------------------------------------
     def attach(self, model, adapter=None) -> "_Attached":
