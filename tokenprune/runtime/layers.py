@@ -65,13 +65,14 @@ class LayerSurgery:
         if layer_idx in self.plan.llm_stages:
             hs = self._apply_stage(layer_idx, state, hs)
         state.done_layers.add(layer_idx)
-        state.layer_group[layer_idx] = (state.group, state.group_shift if state.group_pos is not None else None)
-        g = state.group
+        # while no stage has dropped a token the sequence is the LLM's own (keep-all): nothing to gather
+        g = state.group if state.dropped_tokens else None
+        state.layer_group[layer_idx] = (g, state.group_shift if state.group_pos is not None else None)
         if state.group_pos is not None:
             kwargs["position_embeddings"] = self.adapter.rotary(layer_idx, hs, state.group_pos)
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = state.group_pos
-        else:
+        elif g is not None:
             pe = kwargs.get("position_embeddings")
             if isinstance(pe, (tuple, list)):
                 kwargs["position_embeddings"] = tuple(gather(t, g, 1) for t in pe)
@@ -83,7 +84,8 @@ class LayerSurgery:
         if isinstance(m, torch.Tensor):
             if m.dim() != 4:
                 raise StageError(f"unexpected {m.dim()}-D attention mask at decoder layer {layer_idx}")
-            kwargs["attention_mask"] = gather(gather(m, g, 2), g, 3)
+            if g is not None:
+                kwargs["attention_mask"] = gather(gather(m, g, 2), g, 3)
         elif m is not None:
             raise UnsupportedModelError(f"attention mask of type {type(m).__name__} (e.g. flex attention's "
                                         "BlockMask) is not supported with in-LLM pruning; use sdpa or eager")
@@ -118,12 +120,14 @@ class LayerSurgery:
             hs = hs.clone()
             for b in range(B):
                 hs[b, vis.pos[b][has[b]]] = rows[b][has[b]]
-        hs = gather(hs, rel, 1)
         newpos_of_old = torch.full((B, L), -1, dtype=torch.long, device=hs.device)
         newpos_of_old.scatter_(1, rel, torch.arange(Lp, device=hs.device)[None].expand(B, -1).contiguous())
         state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
-        state.group = torch.gather(state.group, 1, rel)
-        state.cur_valid = torch.gather(state.cur_valid, 1, rel)
+        if Lp != L:  # else every token was kept: the gathers below would be copies
+            hs = gather(hs, rel, 1)
+            state.group = torch.gather(state.group, 1, rel)
+            state.cur_valid = torch.gather(state.cur_valid, 1, rel)
+            state.dropped_tokens = True
         state.cur_len = Lp
         if stage.positions == "compact" and not self.adapter.mrope:
             new_pos = positions_from_mask(state.cur_valid)
@@ -151,13 +155,17 @@ class LayerSurgery:
         if grp is None:
             return None
         g, shift = grp
+        if g is None and shift is None:  # a layer that saw the whole sequence: its cache is unpruned
+            return None
         kwargs = dict(kwargs)
         ref = args[0] if args else kwargs["hidden_states"]
-        g = g.to(ref.device)
+        g = None if g is None else g.to(ref.device)
         shift = None if shift is None else shift.to(ref.device)
         changed = False
         m = kwargs.get("attention_mask")
-        if isinstance(m, torch.Tensor):
+        if g is None:  # unpruned cache at this layer: only the positions change
+            pass
+        elif isinstance(m, torch.Tensor):
             self.adapter.check_in_llm_decode(layer_idx, m, state.decode_kv)
             if m.shape[-1] == state.decode_kv:
                 # sized from an unpruned layer's cache: keep the kept prefix columns and the new ones

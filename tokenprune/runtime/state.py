@@ -175,6 +175,8 @@ class PromptState:
     cur_valid: torch.Tensor | None = None
     #: long ``[B, cur_len]``: indices into the LLM-entry sequence.
     group: torch.Tensor | None = None
+    #: Some decoder-layer stage removed tokens (else ``group`` is the identity and nothing is gathered).
+    dropped_tokens: bool = False
     #: long ``[B, cur_len]``: compacted positions (``None``: gathered from the originals).
     group_pos: torch.Tensor | None = None
     group_shift: torch.Tensor | None = None
