@@ -2,23 +2,24 @@
 
 How one prompt flows (``model(...)`` or ``model.generate(...)``):
 
-1. A forward pre-hook on the top-level model sees the prefill (:mod:`~tokenprune.runtime.prefill`) (empty or no cache). It finds the
-   visual tokens (``input_ids == image_token_id``), takes the image features ``generate`` already
-   computed (``mm_encoder_outputs``) or computes them with ``get_image_features``, and, if the method
-   has a stage before the LLM, selects rows and rewrites the call: fewer placeholder tokens in
-   ``input_ids``, ``attention_mask``, ``labels`` and the per-token tensors, gathered (or compacted)
-   position ids, and the kept (or merged) features in ``mm_encoder_outputs``. The model code then
-   runs unchanged on the shorter prompt.
-2. Forward pre-hooks on the decoder layers at and after each in-LLM stage gather, during the
-   prefill, the hidden states (at the stage's layer), the rotary ``(cos, sin)``, ``position_ids`` and
-   the 4-D mask, so later layers write only the kept keys and values into the cache. Relevance for
-   a stage at layer ``k`` comes from an attention wrapper on layer ``k - 1``
-   (:mod:`~tokenprune.runtime.attention`, :mod:`~tokenprune.runtime.signals`), which keeps SDPA running
-   (:mod:`~tokenprune.runtime.layers`).
+1. A forward pre-hook on the top-level model sees the prefill (empty or no cache) and hands it to
+   :mod:`~tokenprune.runtime.prefill`. It finds the visual tokens (``input_ids == image_token_id``),
+   takes the image features ``generate`` already computed (``mm_encoder_outputs``) or computes them
+   with ``get_image_features``, and, if the method has a stage before the LLM, selects rows and
+   rewrites the call: fewer placeholder tokens in ``input_ids``, ``attention_mask``, ``labels`` and
+   the per-token tensors, gathered (or compacted) position ids, and the kept (or merged) features in
+   ``mm_encoder_outputs``. The model code then runs unchanged on the shorter prompt.
+2. Forward pre-hooks on the decoder layers at and after each in-LLM stage
+   (:mod:`~tokenprune.runtime.layers`) gather, during the prefill, the hidden states (at the stage's
+   layer), the rotary ``(cos, sin)``, ``position_ids`` and the 4-D mask, so later layers write only
+   the kept keys and values into the cache. Relevance for a stage at layer ``k`` comes from an
+   attention wrapper on layer ``k - 1`` (:mod:`~tokenprune.runtime.attention`,
+   :mod:`~tokenprune.runtime.signals`), which keeps SDPA running.
 3. During decoding, the top-level pre-hook maps ``generate``'s full-length 2-D mask and positions onto
-   the pruned prefix (:mod:`~tokenprune.runtime.decode`), and the layer pre-hooks gather the prefix columns of a materialised 4-D mask.
-4. Leaving the context (:mod:`~tokenprune.runtime.hookset`) removes every hook, the attention-name switch and the ``get_image_features``
-   wrapper, also when the block raised.
+   the pruned prefix (:mod:`~tokenprune.runtime.decode`), and the layer pre-hooks gather the prefix
+   columns of a materialised 4-D mask.
+4. Leaving the context removes every hook, the attention-name switch and the ``get_image_features``
+   wrapper (:mod:`~tokenprune.runtime.hookset`), also when the block raised.
 
 ``get_image_features`` is wrapped on the base-model *instance* (an attribute that shadows the class
 method and is deleted on exit; no class is modified) because ``generate`` calls it before the first
@@ -64,7 +65,8 @@ class PruneSession:
                  cls_fallback: str | None = None, seed: int = 0, vision_cache: VisionCache | None = None,
                  **method_params):
         if vision_cache is not None and not isinstance(vision_cache, VisionCache):
-            raise ConfigError(f"vision_cache must be a tokenprune.VisionCache or None, got {type(vision_cache).__name__}")
+            raise ConfigError(f"vision_cache must be a tokenprune.VisionCache or None, "
+                              f"got {type(vision_cache).__name__}")
         self.model = model
         self.adapter = get_model_adapter(model, adapter)
         self.method = method_for_model(method, self.adapter, method_params)
