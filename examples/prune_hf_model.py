@@ -9,10 +9,10 @@ report and the first kept patches ``(image, crop, row, col)``. Everything is off
 * ``--model DIR`` loads a real checkpoint from a local directory with ``from_pretrained`` and
   prompts it through the processor's chat template.
 
-The adapter picked for the model says which relevance the first TOPS stage can use: the vision
-tower's [CLS] attention where it has one (LLaVA, LLaVA-NeXT), else the attention each patch receives
-(``cls_fallback="mean_attention"``: OneVision, Idefics3, SmolVLM, Gemma3), else the similarity to the
-prompt's text (``"text_similarity"``: Qwen2-VL, Qwen2.5-VL).
+The first TOPS stage reads the vision tower's [CLS] attention where the tower has one (LLaVA,
+LLaVA-NeXT); elsewhere ``prune`` falls back by itself (``cls_fallback="auto"``) to the attention each
+patch receives (OneVision, Idefics3, SmolVLM, Gemma3) or to the similarity to the prompt's text
+(Qwen2-VL, Qwen2.5-VL), and the report's stage line names the signal used.
 
 Run::
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -33,21 +34,15 @@ from tokenprune.adapters import get_model_adapter
 from tokenprune.testing.tiny_models import MODEL_FAMILIES, build_tiny_vlm, sample_images
 
 
-def cls_fallback(adapter) -> str | None:
-    """The ``cls_fallback`` a family needs for [CLS]-attention relevance (``None``: it has [CLS])."""
-    if adapter.has_cls:
-        return None
-    return "mean_attention" if adapter.supports_mean_attention else "text_similarity"
-
-
 def run(model, inputs, decode, args) -> None:
     """Generate under pruning and print the answer and the report."""
     adapter = get_model_adapter(model)
-    fallback = cls_fallback(adapter)
     notes = type(adapter).layout_notes.replace("``", "") or "see its docstring"
     print(f"adapter: {adapter.name} ({notes})")
-    print(f"cls_fallback: {fallback}")
-    with tp.prune(model, args.method, budget=args.budget, cls_fallback=fallback) as report:
+    with warnings.catch_warnings():  # the automatic [CLS] fallback warns; the report's note says the same
+        warnings.simplefilter("ignore", UserWarning)
+        session = tp.prune(model, args.method, budget=args.budget)
+    with session as report:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print("answer:", decode(out[:, inputs["input_ids"].shape[1]:]))
     print(report.summary())
