@@ -118,8 +118,8 @@ class LayerSurgery:
             r, has = repl
             rows = gather(r.to(hs.dtype), torch.arange(vis.pos.shape[1], device=hs.device)[None].expand(B, -1), 1)
             hs = hs.clone()
-            for b in range(B):
-                hs[b, vis.pos[b][has[b]]] = rows[b][has[b]]
+            bi, vi = has.nonzero(as_tuple=True)
+            hs[bi, vis.pos[bi, vi]] = rows[bi, vi]
         newpos_of_old = torch.full((B, L), -1, dtype=torch.long, device=hs.device)
         newpos_of_old.scatter_(1, rel, torch.arange(Lp, device=hs.device)[None].expand(B, -1).contiguous())
         state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))

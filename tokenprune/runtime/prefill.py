@@ -18,7 +18,7 @@ import torch
 
 from ..adapters.base import TokenLayout
 from ..errors import ShapeError, StageError
-from .state import PromptState, VisualTokens, as_list, gather, max_rows, pad_rows, positions_from_mask
+from .state import PromptState, VisualTokens, as_list, gather, max_rows, positions_from_mask, true_positions
 
 
 class PrefillRewriter:
@@ -185,7 +185,7 @@ class PrefillRewriter:
         """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores."""
         B = img.shape[0]
         dev = img.device
-        pos = pad_rows([img[b].nonzero().flatten() for b in range(B)], -1, dev)
+        pos = true_positions(img)
         valid = pos >= 0
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
         flat_idx = torch.where(valid, offsets[:, None] + torch.arange(pos.shape[1], device=dev)[None], -1)
@@ -222,27 +222,24 @@ class PrefillRewriter:
         keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, None)
 
         ad.check_pre_llm(as_list(keep_vis.sum(1)))
-        keep_tok = (~img).clone()
-        for b in range(B):
-            keep_tok[b, vis.pos[b][keep_vis[b]]] = True
+        kept_img = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
+        kept_img.scatter_(1, vis.pos.masked_fill(~keep_vis, L), True)  # dropped and padding: extra column
+        keep_tok = ~img | kept_img[:, :L]
         new_lens = keep_tok.sum(1)
-        Lp = int(new_lens.max())
         am = kw.get("attention_mask")
         right = am is not None and bool((am[:, -1] == 0).any()) and not bool((am[:, 0] == 0).any())
-        rows = []
-        for b in range(B):
-            r = keep_tok[b].nonzero().flatten()
-            fill = torch.full((Lp - r.numel(),), -1, dtype=torch.long, device=dev)
-            rows.append(torch.cat([r, fill]) if right else torch.cat([fill, r]))
-        idx = torch.stack(rows)  # [B, Lp], -1 = new padding
+        idx = true_positions(keep_tok)  # [B, Lp] kept positions, right-padded with -1
+        Lp = idx.shape[1]
+        if not right:  # the batch was padded on the left: so is the new one
+            src = torch.arange(Lp, device=dev)[None] - (Lp - new_lens)[:, None]
+            idx = torch.where(src >= 0, idx.gather(1, src.clamp_min(0)), -1)
         changed = Lp != L or bool((idx < 0).any()) or repl is not None
         state.pre_changed = changed
         kept_flat = self._kept_features(feats, keep_vis, repl)
-        # the visual tokens in the new sequence
-        newpos_of_old = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        for b in range(B):
-            newpos_of_old[b, idx[b][idx[b] >= 0]] = torch.arange(int(new_lens[b]), device=dev) + (
-                0 if right else Lp - int(new_lens[b]))
+        # the visual tokens in the new sequence: old position -> new position
+        newpos_of_old = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
+        newpos_of_old.scatter_(1, idx.masked_fill(idx < 0, L), torch.arange(Lp, device=dev)[None].expand(B, -1))
+        newpos_of_old = newpos_of_old[:, :L]
         state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
         state.counts_after_pre = state.visual.counts()
         if not changed:
@@ -289,13 +286,7 @@ class PrefillRewriter:
     @staticmethod
     def _kept_features(feats, keep_vis, repl) -> torch.Tensor:
         """``[K_total, D]``: the kept (or merged) features of every sample, in prompt order."""
-        kept = []
-        for b in range(feats.shape[0]):
-            sel = keep_vis[b]
-            fb = feats[b][sel]
-            if repl is not None:
-                r, has = repl
-                hb = has[b][sel]
-                fb = torch.where(hb[:, None], r[b][sel].to(fb.dtype), fb)
-            kept.append(fb)
-        return torch.cat(kept, 0)
+        if repl is not None:
+            r, has = repl
+            feats = torch.where(has[..., None], r.to(feats.dtype), feats)
+        return feats[keep_vis]  # row-major: sample by sample, in prompt order

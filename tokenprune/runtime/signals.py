@@ -23,7 +23,7 @@ from ..errors import StageError
 from . import attention as attn
 from .vision_cache import call_arguments
 from .plan import VISION_ATTENTION_SOURCES
-from .state import PromptState, bind_arguments, gather, pad_rows
+from .state import PromptState, bind_arguments, gather, true_positions
 
 
 def text_similarity(feats: torch.Tensor, valid: torch.Tensor, text_emb: torch.Tensor,
@@ -174,7 +174,7 @@ class SignalCapture:
         first_vis = vis.pos.masked_fill(~vis.valid, L).amin(1, keepdim=True)
         ar = torch.arange(L, device=dev)[None]
         text = state.cur_valid & ~is_vis & (ar > first_vis)  # text tokens that can see some visual token
-        idx = pad_rows([text[b].nonzero().flatten() for b in range(B)], -1, dev)
+        idx = true_positions(text)
         if idx.shape[1] == 0:  # no text after the image: fall back to the last token
             return self.rater_rows(state, "last_token")
         return idx.clamp_min(0), idx >= 0
@@ -199,7 +199,7 @@ class SignalCapture:
             text = valid & ~img
             with torch.no_grad():
                 emb = self.adapter.input_embeddings(ids)
-            tidx = pad_rows([text[b].nonzero().flatten() for b in range(ids.shape[0])], -1, ids.device)
+            tidx = true_positions(text)
             text_emb = gather(emb, tidx, 1, 0.0).to(feats.dtype)
             text_mask = tidx >= 0
             if source == "text_similarity":
@@ -231,7 +231,7 @@ class SignalCapture:
             is_vis = torch.zeros(state.batch_size, state.cur_len + 1, dtype=torch.bool, device=hs.device)
             is_vis.scatter_(1, vis.pos.masked_fill(~vis.valid, state.cur_len), True)
             text = state.cur_valid & ~is_vis[:, : state.cur_len]
-            tidx = pad_rows([text[b].nonzero().flatten() for b in range(state.batch_size)], -1, hs.device)
+            tidx = true_positions(text)
             text_emb = gather(hs, tidx, 1, 0.0)
             text_mask = tidx >= 0
             if source == "text_similarity":

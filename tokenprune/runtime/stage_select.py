@@ -15,7 +15,7 @@ import torch
 from ..context import make_context
 from ..errors import StageError
 from .report import StageReport
-from .state import PromptState, as_list, gather, pad_rows
+from .state import PromptState, as_list, gather, true_positions
 
 
 class StageSelection:
@@ -74,8 +74,7 @@ class StageSelection:
                                  f"{int(n[b])} candidate visual tokens (sample {b})")
         if len(rows_with):
             # compact the candidates of each row to the front
-            order = [cand[b].nonzero().flatten() for b in range(cand.shape[0])]
-            cidx = pad_rows([order[b] for b in rows_with.tolist()], -1, feats.device)
+            cidx = true_positions(cand[rows_with])
             sub = rows_with
             cmask = cidx >= 0
             f = gather(feats[sub].detach(), cidx, 1, 0.0)
@@ -91,9 +90,10 @@ class StageSelection:
                                    seed=self.plan.seed + index, **extra)
                 sel = stage.selector.select(stage.objective, ctx, budget)
             picked = torch.where(sel.valid, torch.gather(cidx, 1, sel.indices.clamp_min(0)), -1)
-            for j, b in enumerate(sub.tolist()):
-                p = picked[j][picked[j] >= 0]
-                keep[b, p] = True
+            V = keep.shape[1]
+            hit = torch.zeros(len(sub), V + 1, dtype=torch.bool, device=keep.device)
+            hit.scatter_(1, picked.masked_fill(picked < 0, V), True)  # holes land in the extra column
+            keep[sub] |= hit[:, :V]
             if sel.features is not None:
                 repl = self._replacement(vis, sub, picked, sel)
         ms = (time.perf_counter() - t0) * 1e3
@@ -111,11 +111,10 @@ class StageSelection:
         repl = torch.zeros(vis.pos.shape[0], vis.pos.shape[1], sel.features.shape[-1],
                            dtype=sel.features.dtype, device=sel.features.device)
         has = torch.zeros(vis.pos.shape, dtype=torch.bool, device=vis.pos.device)
-        for j, b in enumerate(sub.tolist()):
-            ok = sel.valid[j]
-            p = picked[j][ok]
-            repl[b, p] = sel.features[j][ok]
-            has[b, p] = True
+        ok = sel.valid
+        rows, cols = sub.to(picked.device)[:, None].expand_as(picked)[ok], picked[ok]
+        repl[rows, cols] = sel.features[ok]
+        has[rows, cols] = True
         return repl, has
 
     def _stage_report(self, vis, index, layer, budget, relevance, cand, kept_vis, ms) -> StageReport:
@@ -123,18 +122,25 @@ class StageSelection:
         rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=self.plan.relevance[index],
                           tokens_before=vis.counts(), tokens_after=as_list(kept_vis.sum(1)),
                           protected=as_list((vis.protected & kept_vis).sum(1)), select_ms=ms)
-        n_orig = self.report.visual_tokens
-        for b in range(vis.pos.shape[0]):
-            sc = torch.full((n_orig[b] if b < len(n_orig) else 0,), float("nan"))
-            if relevance is not None:
-                cb = cand[b]
-                sc[vis.orig[b][cb].cpu()] = relevance[b][cb].detach().float().cpu()
-            rep.scores.append(sc)
-            sel_b = kept_vis[b] & ~vis.protected[b]
-            o = vis.orig[b][sel_b]
-            srt = o.argsort()
-            rep.kept.append(o[srt].cpu())
-            rep.coords.append(vis.coords[b][sel_b][srt].cpu())
+        B = vis.pos.shape[0]
+        n_orig = list(self.report.visual_tokens) + [0] * max(0, B - len(self.report.visual_tokens))
+        # one move to the CPU, then per-sample views: the scores the stage saw over the original tokens
+        orig, coords = vis.orig.cpu(), vis.coords.cpu()
+        scores = torch.full((B, max(n_orig[:B], default=0)), float("nan"))
+        if relevance is not None:
+            c = cand.cpu()
+            r, col = c.nonzero(as_tuple=True)
+            scores[r, orig[r, col]] = relevance.detach().float().cpu()[r, col]
+        # the kept (not protected) tokens of each sample, ordered by their original index
+        chosen = (kept_vis & ~vis.protected).cpu()
+        key = orig.masked_fill(~chosen, torch.iinfo(orig.dtype).max)
+        srt = key.sort(dim=1, stable=True).indices
+        counts = chosen.sum(1).tolist()
+        kept_orig, kept_coords = orig.gather(1, srt), coords.gather(1, srt[..., None].expand(-1, -1, 4))
+        for b in range(B):
+            rep.scores.append(scores[b, : n_orig[b]].clone())
+            rep.kept.append(kept_orig[b, : counts[b]].clone())
+            rep.coords.append(kept_coords[b, : counts[b]].clone())
         return rep
 
     @staticmethod

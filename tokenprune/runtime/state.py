@@ -57,14 +57,15 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 0)
 
 
-def pad_rows(rows: list, fill, device, dtype=torch.long) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into ``[len(rows), max length]``, right-padded with ``fill``."""
-    n = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), n), fill, dtype=dtype, device=device)
-    for b, r in enumerate(rows):
-        if len(r):
-            out[b, : len(r)] = r
-    return out
+def true_positions(mask: torch.Tensor) -> torch.Tensor:
+    """long ``[B, n]``: the positions of each row's True entries, ascending, padded with ``-1``.
+
+    ``n`` is the largest count of a row. One stable sort instead of a ``nonzero`` per row.
+    """
+    counts = mask.sum(1)
+    n = int(counts.max()) if mask.numel() else 0
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    return order.masked_fill(torch.arange(n, device=mask.device)[None] >= counts[:, None], -1)
 
 
 def max_rows(pos: torch.Tensor) -> torch.Tensor:
@@ -127,8 +128,7 @@ class VisualTokens:
 
     def take(self, keep: torch.Tensor, new_pos: torch.Tensor) -> "VisualTokens":
         """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions."""
-        rows = [keep[b].nonzero().flatten() for b in range(keep.shape[0])]
-        idx = pad_rows(rows, -1, keep.device)
+        idx = true_positions(keep)
         valid = idx >= 0
         g = lambda t, fill=0: gather(t, idx, 1, fill)  # noqa: E731
         coords = gather(self.coords, idx, 1, -1) if idx.numel() else self.coords[:, :0]
