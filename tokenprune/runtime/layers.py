@@ -14,27 +14,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import StageError, UnsupportedModelError
+from .stage_select import StagePart
 from .state import PromptState, as_list, gather, positions_from_mask
 
 
-class LayerSurgery:
-    """The decoder-layer side of a pruning context.
-
-    Parameters
-    ----------
-    plan : Plan
-    adapter : ModelAdapter
-    signals : SignalCapture
-    select : StageSelection
-    report : PruneReport
-    """
-
-    def __init__(self, plan, adapter, signals, select, report):
-        self.plan = plan
-        self.adapter = adapter
-        self.signals = signals
-        self.select = select
-        self.report = report
+class LayerSurgery(StagePart):
+    """The decoder-layer side of a pruning context (constructed as :class:`StagePart`)."""
 
     # -- prefill ----------------------------------------------------------------------------------
     def prefill(self, layer_idx: int, state: PromptState, args, kwargs):

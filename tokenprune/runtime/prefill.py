@@ -18,27 +18,15 @@ import torch
 
 from ..adapters.base import TokenLayout
 from ..errors import ShapeError, StageError
+from .stage_select import StagePart
 from .state import PromptState, VisualTokens, as_list, gather, max_rows, positions_from_mask, true_positions
 
 
-class PrefillRewriter:
-    """Rewrites the prefill call of a pruned prompt.
-
-    Parameters
-    ----------
-    plan : Plan
-    adapter : ModelAdapter
-    signals : SignalCapture
-    select : StageSelection
-    report : PruneReport
-    """
+class PrefillRewriter(StagePart):
+    """Rewrites the prefill call of a pruned prompt (constructed as :class:`StagePart`)."""
 
     def __init__(self, plan, adapter, signals, select, report):
-        self.plan = plan
-        self.adapter = adapter
-        self.signals = signals
-        self.select = select
-        self.report = report
+        super().__init__(plan, adapter, signals, select, report)
         self._last_ids = None  # input_ids of the last prefill, to recognise generate's cache-less steps
 
     def __call__(self, kw: dict):

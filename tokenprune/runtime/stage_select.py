@@ -155,3 +155,25 @@ class StageSelection:
         rows = int(c[..., 2].max()) + 1
         cols = int(c[..., 3].max()) + 1
         return (rows, cols) if rows * cols == cidx.shape[1] else None
+
+
+class StagePart:
+    """What the two places that run stages share: the prefill rewrite (before the LLM) and the layer
+    surgery (inside it) read the plan, the adapter and the signals, run :class:`StageSelection`, and
+    write the report.
+
+    Parameters
+    ----------
+    plan : Plan
+    adapter : ModelAdapter
+    signals : SignalCapture
+    select : StageSelection
+    report : PruneReport
+    """
+
+    def __init__(self, plan, adapter, signals, select: StageSelection, report):
+        self.plan = plan
+        self.adapter = adapter
+        self.signals = signals
+        self.select = select
+        self.report = report
