@@ -73,8 +73,8 @@ class PruneReport:
     depth : int
         Decoder layers of the text model.
     nominal_budget : int or float or None
-        The budget the method was asked for (its ``budget`` parameter when built by name, else the
-        last stage's budget).
+        The method's :attr:`~tokenprune.PruningMethod.nominal_budget`: the budget it is quoted at
+        (TOPS's ``T``, the ``budget`` a factory was called with, else the last stage's budget).
     stages : list of StageReport
         The stages of the last pruned prefill, in order.
     visual_tokens : list of int

@@ -21,7 +21,6 @@ from ..adapters.base import VisionRecord
 from ..criteria.relevance import cosine_to_text
 from ..errors import StageError
 from . import attention as attn
-from .vision_cache import call_arguments
 from .plan import VISION_ATTENTION_SOURCES
 from .state import PromptState, bind_arguments, gather, true_positions
 
@@ -79,7 +78,8 @@ class SignalCapture:
         if self.vision_cache is None:
             out, cls = compute()
         else:
-            out, cls = self.vision_cache.fetch(self.adapter.model, call_arguments(orig, args, kwargs), compute, kind)
+            out, cls = self.vision_cache.fetch(self.adapter.model, bind_arguments(orig, args, kwargs, defaults=True),
+                                                compute, kind)
         while len(self._records) >= self.MAX_RECORDS:
             self._records.pop(next(iter(self._records)))
         try:

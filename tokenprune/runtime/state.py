@@ -79,11 +79,19 @@ def max_rows(pos: torch.Tensor) -> torch.Tensor:
     return pos
 
 
-def bind_arguments(function, args, kwargs) -> dict:
-    """A call's arguments by parameter name, with ``**kwargs`` flattened in."""
+def bind_arguments(function, args, kwargs, *, defaults: bool = False) -> dict:
+    """A call's arguments by parameter name, with ``**kwargs`` flattened in.
+
+    With ``defaults``, the function's defaults are filled in too, so two calls that differ only in
+    passing a default explicitly (the model's forward passes ``vision_feature_layer=None``, the
+    pruning runtime leaves it out) give the same arguments.
+    """
     try:
-        bound = dict(inspect.signature(function).bind_partial(*args, **kwargs).arguments)
-    except TypeError:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+        if defaults:
+            bound.apply_defaults()
+        bound = dict(bound.arguments)
+    except (TypeError, ValueError):
         bound = dict(kwargs)
     extra = bound.pop("kwargs", None)
     if isinstance(extra, dict):

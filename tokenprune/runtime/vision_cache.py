@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import time
 import weakref
 from collections import OrderedDict
@@ -23,6 +22,7 @@ import torch
 
 from ..errors import TokenPruneError
 from .hookset import HookSet
+from .state import bind_arguments
 
 #: Signal kinds a cache entry can hold besides the output.
 SIGNAL_KINDS = ("cls", "mean")
@@ -51,24 +51,6 @@ def _nbytes(obj) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
-
-
-def call_arguments(function, args, kwargs) -> dict:
-    """A call's arguments by parameter name, with the function's defaults filled in.
-
-    Two calls that differ only in passing a default explicitly (the model's forward passes
-    ``vision_feature_layer=None``, the pruning runtime leaves it out) get the same key.
-    """
-    try:
-        bound = inspect.signature(function).bind_partial(*args, **kwargs)
-        bound.apply_defaults()
-        out = dict(bound.arguments)
-    except (TypeError, ValueError):
-        out = dict(kwargs)
-    extra = out.pop("kwargs", None)
-    if isinstance(extra, dict):
-        out.update(extra)
-    return out
 
 
 def _flatten(arguments: dict) -> dict:
@@ -247,7 +229,7 @@ class VisionCache:
         model : torch.nn.Module
             The model whose vision side is called (part of the key).
         arguments : dict
-            The call's arguments by name, defaults filled in (:func:`call_arguments`).
+            The call's arguments by name, defaults filled in (``bind_arguments(..., defaults=True)``).
         compute : callable
             ``compute() -> (output, signal or None)``: runs the call (with the capture of
             ``signal_kind`` on, if one is asked for).
@@ -307,7 +289,7 @@ class VisionCache:
         ``compute`` overrides how a miss is computed (it must return ``(output, signal)``); by default
         the call runs as it is, without a signal.
         """
-        arguments = call_arguments(original, args, kwargs)
+        arguments = bind_arguments(original, args, kwargs, defaults=True)
         if compute is None:
             def compute():
                 return original(*args, **kwargs), None
