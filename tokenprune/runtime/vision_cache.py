@@ -24,9 +24,6 @@ from ..errors import TokenPruneError
 from .hookset import HookSet
 from .state import bind_arguments
 
-#: Signal kinds a cache entry can hold besides the output.
-SIGNAL_KINDS = ("cls", "mean")
-
 
 def _tensors(obj):
     """Every tensor inside ``obj`` (a tensor, a model output, a dict, list or tuple of them)."""
