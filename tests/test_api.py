@@ -20,6 +20,7 @@ NAMED = {"tops", "fastv", "reverse_fastv", "window_fastv", "pyramiddrop", "dart"
 
 def _signals(ctx):
     return dict(relevance=ctx.relevance, text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask,
+                text_relevance=ctx.text_relevance,
                 grid=ctx.grid, mask=ctx.mask, seed=ctx.seed)
 
 
@@ -120,7 +121,7 @@ def test_factory_must_return_a_method():
 # -- config round trip for every registered method -------------------------------------------------------
 
 NON_DEFAULT = {"tops": dict(budget=32, coverage_weight=1.0, normalize="mean", schedule="qwen2_5_vl"),
-               "pyramiddrop": dict(budget=40, ratio=0.25), "dart": dict(num_pivots=2),
+               "pyramiddrop": dict(budget=40, ratio=0.25), "dart": dict(image_pivots=2, text_pivots=1),
                "visionzip": dict(merge="target_plus_mean"), "window_fastv": dict(windows=(2, 3)),
                "scope": dict(alpha=2.0, combine="add"), "random": dict(seed=5), "cdpruner": dict(theta=0.5)}
 

@@ -21,7 +21,8 @@ Layers, bottom to top (a module may import its own layer and the layers below it
 7. ``evaluation``: the VQA runner, records and tables; it takes the testbed's question families as
    data instead of importing the testbed;
 8. ``testbed``: the synthetic scenes, model and oracle, built on the evaluation package;
-9. ``cli`` and ``api``: the command line and the public functional facade;
+9. ``cli``, ``api`` and ``integrations``: the command line, the public functional facade, and the
+   integrations with evaluation harnesses (lmms-eval), which nothing below imports;
 10. ``tokenprune/__init__.py``, the top.
 
 Besides the layers, only ``tokenprune/__init__.py`` may import ``tokenprune.api``: the facade
@@ -49,7 +50,7 @@ LAYERS = [
     ("testing", {"testing"}),
     ("evaluation", {"evaluation"}),
     ("testbed", {"testbed"}),
-    ("cli and api", {"cli", "api"}),
+    ("cli, api and integrations", {"cli", "api", "integrations"}),
     ("package root", {""}),
 ]
 RANK = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}

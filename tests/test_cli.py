@@ -207,3 +207,137 @@ def test_oracle_evidence_outside_the_grid_fails_before_running(ckpt, jsonl, tmp_
     err = capsys.readouterr().err
     assert "question 1 (id q7) has evidence patch 500, outside the model's 14 x 14 patch grid" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- lmms-eval helpers that need no lmms-eval: task folders, the accounting, `tokenprune report` --------
+def test_lmms_task_writes_a_task_over_a_local_set(jsonl, tmp_path, capsys):
+    out = tmp_path / "task"
+    assert cli.main(["lmms", "task", "--data", str(jsonl), "--out", str(out), "--name", "my_vqa"]) == 0
+    assert "--include_path" in capsys.readouterr().out
+    yaml_text = (out / "my_vqa.yaml").read_text()
+    assert 'task: "my_vqa"' in yaml_text and "dataset_path: json" in yaml_text
+    assert "_tokenprune_vqa_template_yaml" in yaml_text
+    rows = [json.loads(line) for line in (out / "my_vqa.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["image"].startswith("/") and r["answers"] for r in rows)
+    from pathlib import Path
+
+    from tokenprune.integrations.lmms import TEMPLATE
+    assert TEMPLATE.is_file() and Path(rows[0]["image"]).is_file()
+
+
+def test_lmms_task_named_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "x.png", "question": "q"}\n')
+    assert cli.main(["lmms", "task", "--data", str(bad), "--out", str(tmp_path / "t")]) == 2
+    assert "answers" in capsys.readouterr().err
+    assert cli.main(["lmms", "task", "--data", str(bad), "--out", str(tmp_path / "t"), "--name", "Bad-Name"]) == 2
+    assert "task name" in capsys.readouterr().err
+
+
+def test_testbed_export_parquet(tmp_path, capsys):
+    import importlib.util
+
+    rc = cli.main(["testbed", "export", "--format", "parquet", "--out", str(tmp_path), "--n", "3"])
+    if importlib.util.find_spec("datasets") is None:
+        assert rc == 2 and "datasets" in capsys.readouterr().err
+        return
+    assert rc == 0 and (tmp_path / "testbed.parquet").is_file()
+    assert 'task: "tokenprune_testbed"' in (tmp_path / "tokenprune_testbed.yaml").read_text()
+
+
+class _Stage:
+    def __init__(self, layer, after):
+        self.layer, self.tokens_after = layer, after
+
+    @property
+    def where(self):
+        return "before LLM" if self.layer is None else f"layer {self.layer}"
+
+
+class _Report:
+    """A PruneReport stand-in: 2 samples, 100 visual tokens, 40 kept before a 4-layer LLM, 10 from layer 2."""
+    pruned_calls, depth, nominal_budget, select_ms = 1, 4, 10, 8.0
+    visual_tokens = [100, 100]
+    stages = [_Stage(None, [40, 40]), _Stage(2, [10, 10])]
+
+
+def test_accounting_per_request_skips_padding_and_merges_ranks():
+    from tokenprune.integrations.lmms.accounting import Accounting, one_line, summarize
+
+    a, b = Accounting(), Accounting()
+    a.add_batch(tasks=["t", "t"], padding=[False, False], visual_tokens=[100, 100], report=_Report(), prefill_ms=20)
+    b.add_batch(tasks=["t", "u"], padding=[False, True], visual_tokens=[100, 100], report=_Report(), prefill_ms=20)
+    b.add_batch(tasks=["u"], padding=[False], visual_tokens=[50], report=None, prefill_ms=5)
+    s = summarize([a.state(rank=0, peak_memory_mib=10.0), b.state(rank=1, peak_memory_mib=12.0)], {"method": "m"})
+    assert (s["requests"], s["padding_requests_skipped"], s["world_size"], s["peak_memory_mib"]) == (4, 1, 2, 12.0)
+    eq = (40 + 40 + 10 + 10) / 4
+    assert s["equivalent_tokens"] == pytest.approx((3 * eq + 50) / 4)
+    assert s["nominal_tokens"] == pytest.approx((3 * 10 + 50) / 4)
+    assert s["selection_ms"] == pytest.approx(3 * 4.0 / 4) and s["prefill_ms"] == pytest.approx((3 * 10 + 5) / 4)
+    assert [(st["where"], st["tokens"], st["requests"]) for st in s["stages"]] == [("before LLM", 40, 3),
+                                                                                   ("layer 2", 10, 3)]
+    assert s["per_task"]["u"]["requests"] == 1 and s["per_task"]["t"]["equivalent_tokens"] == eq
+    assert "4 requests on 2 rank(s) (1 padding skipped)" in one_line(s)
+
+
+def _fake_run(folder, method, budget, score, *, sha="abc", version=1.0, n=50, model_type="llava"):
+    """An lmms-eval output folder: a results file and the tokenprune report the model writes."""
+    run = folder / "model"
+    run.mkdir(parents=True)
+    args = "pretrained=/m" + ("" if method == "none" else f",method={method},budget={budget}")
+    results = {"results": {"gqa": {"alias": "gqa", "exact_match,none": score, "exact_match_stderr,none": 0.01},
+                           "mme": {"alias": "mme", "mme_perception_score,none": 1500 * score,
+                                   "mme_cognition_score,none": 300.0}},
+               "versions": {"gqa": version, "mme": 0.0}, "configs": {"gqa": {"metadata": {"version": version}}},
+               "n-samples": {"gqa": {"original": 100, "effective": n}, "mme": {"original": 10, "effective": 10}},
+               "config": {"model_args": args}}
+    (run / "2026_results.json").write_text(json.dumps(results))
+    eq = 576.0 if method == "none" else float(budget)
+    report = {"format": "tokenprune-lmms-report/1", "method": method, "budget": None if method == "none" else budget,
+              "model": {"pretrained": "/m", "model_type": model_type, "config_sha256": sha},
+              "model_args": {"pretrained": "/m", "method": method, "budget": None if method == "none" else str(budget)},
+              "equivalent_tokens": eq, "nominal_tokens": eq, "prefill_ms": 100.0 * eq / 576,
+              "prefill_ms_median": 90.0 * eq / 576, "selection_ms": 1.0, "requests": 60}
+    (run / "tokenprune_report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_report_builds_the_paper_table(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / "a", "none", None, 0.6), _fake_run(tmp_path / "b", "divprune", 64, 0.57),
+            _fake_run(tmp_path / "c", "divprune", 128, 0.6)]
+    assert cli.main(["report", *map(str, runs), "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    assert lines[0].startswith("| method | budget | gqa | mme:mme_cognition_score | mme:mme_perception_score |")
+    assert lines[1].startswith("| none | – | 60.0 | 300.0 | 900.0 |")
+    assert lines[2].startswith("| divprune | 128 | 60.0 (100.0%)")
+    assert lines[3].startswith("| divprune | 64 | 57.0 (95.0%) |") and lines[3].endswith("| 96.7 | 64.0 | 10.0 |")
+    table = json.loads((tmp_path / "t.json").read_text())
+    row = table["rows"][2]
+    assert row["relative"]["gqa"] == pytest.approx(95.0) and row["equivalent_tokens"] == 64
+    assert row["relative_mean"] == pytest.approx((95 + 100 + 95) / 3)
+    assert (tmp_path / "t.csv").read_text().startswith("method,budget,gqa,")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"sha": "other"}, "disagree on the model"),
+    ({"model_type": "qwen2_vl"}, "disagree on the model"),
+    ({"version": 2.0}, "version of task 'gqa'"),
+    ({"n": 40}, "different numbers of 'gqa' documents"),
+])
+def test_report_refuses_runs_that_disagree(tmp_path, capsys, change, match):
+    a = _fake_run(tmp_path / "a", "none", None, 0.6)
+    b = _fake_run(tmp_path / "b", "divprune", 64, 0.57, **change)
+    assert cli.main(["report", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "ConfigError" in err
+
+
+def test_report_named_errors_for_missing_files(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "no tokenprune_report.json" in capsys.readouterr().err
+    run = _fake_run(tmp_path / "x", "divprune", 64, 0.5)
+    (run / "model" / "2026_results.json").write_text(json.dumps({"config": {"model_args": "pretrained=/other"}}))
+    assert cli.main(["report", str(run)]) == 2
+    assert "same model args" in capsys.readouterr().err

@@ -150,7 +150,8 @@ def test_selector_output_on_drawn_contexts(name, ctx, budget, data):
 def test_method_output_on_drawn_contexts(name, ctx, budget):
     m = tp.create_method(name)
     sel = m.select(ctx.features, budget=budget, mask=ctx.mask, relevance=ctx.relevance,
-                   text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask, grid=ctx.grid, seed=ctx.seed)
+                   text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask,
+                   text_relevance=ctx.text_relevance, grid=ctx.grid, seed=ctx.seed)
     check_selection(sel, ctx, budget, who=name, exact=getattr(m.stages[0].selector, "exact_budget", True))
 
 

@@ -205,7 +205,9 @@ def test_logdet_kernel_and_quality():
         sub = L[:, [1, 4, 6]][:, :, [1, 4, 6]]
         assert torch.allclose(crit.evaluate(ctx, s).double(), torch.logdet(sub), atol=1e-5)
     q = LogDet(quality="given").quality_scores(ctx)
-    assert torch.allclose(q.amin(1), torch.zeros(2)) and torch.allclose(q.amax(1), torch.ones(2))  # min-max
+    r = ctx.relevance
+    lo, hi = r.amin(1, keepdim=True), r.amax(1, keepdim=True)
+    assert torch.allclose(q, (r - lo + 1e-6) / (hi - lo))  # CDPruner's min-max, 1e-6 added to the numerator
     q = LogDet(quality="given", normalize_quality=False).quality_scores(ctx)
     assert torch.equal(q, ctx.relevance)
     q = LogDet(quality="given", theta=0.5).quality_scores(ctx)
@@ -260,7 +262,7 @@ def test_tops_matches_formula_step_by_step():
     sel = Greedy().select(TOPSObjective(coverage_weight=lam, diversity_weight=alpha), ctx, 2)
     first = int(sel.order[0, 0])
     F = ctx.similarity[0].double()
-    m = F[:, first].clamp_min(0)
+    m = F[:, first]  # the paper's m_j(S) = max_{k in S} F_jk, not floored at 0
     U = torch.ones(25, dtype=torch.bool)
     U[first] = False
     c = ((F - m[:, None]).clamp_min(0) * U[:, None]).sum(0)  # c_i = sum_{j in U} max(0, F_ji - m_j)

@@ -72,15 +72,16 @@ def test_random_recall_matches_kept_patches(setup):
 
 
 def test_shared_vision_side_gives_the_records_of_recomputing_it(setup):
-    """The vision cache changes nothing but the time: full records equal, bit for bit, for methods
-    reading [CLS] attention, the features only, the LLM's attention, and the unpruned model."""
+    """The vision and prefix caches change nothing but the time: full records equal, bit for bit, for
+    methods reading [CLS] attention, the features only, the LLM's attention or key norms, and the
+    unpruned model."""
     from tokenprune.evaluation.report import make_records
 
     model, proc, exs = setup
-    methods, budgets = ["fastervlm", "divprune", "fastv", "tops"], [12, 0.5]
+    methods, budgets = ["fastervlm", "divprune", "fastv", "tops", "dart"], [12, 0.5]
     runs = {}
     for cached in (False, True):
-        ev = Evaluator(model, proc, exs, batch_size=4, progress=False, vision_cache=cached)
+        ev = Evaluator(model, proc, exs, batch_size=4, progress=False, vision_cache=cached, prefix_cache=cached)
         runs[cached] = (ev, make_records(ev.run_all(methods, budgets, seed=1)))
     timing = ("prefill_ms", "speedup", "selection_ms")
     strip = [[{k: v for k, v in r.items() if k not in timing} for r in recs] for _, recs in runs.values()]
@@ -91,4 +92,68 @@ def test_shared_vision_side_gives_the_records_of_recomputing_it(setup):
     # configuration computes anything
     calls = (1 + len(methods) * len(budgets)) * 4
     assert stats["entries"] == 4 and stats["misses"] == 8 and stats["hits"] == calls - 8
-    assert runs[False][0].vision_cache is None
+    assert runs[False][0].vision_cache is None and runs[False][0].prefix_cache is None
+    # fastv and dart act at layer 2 with nothing before the LLM: the first configuration (fastv@12)
+    # computes layers 0-1 of each batch and the warm-up slice, the three others replay them
+    prefix = runs[True][0].prefix_cache.stats()
+    assert prefix["misses"] == 4 and prefix["hits"] == 3 * 4 and prefix["layers_saved"] == 2 * 3 * 4
+
+
+class _TwoRanks:
+    """Two ranks simulated in one process: rank 1 runs first and leaves its share for rank 0's gather."""
+
+    def __init__(self):
+        self.left = {}
+
+    def shard(self, rank):
+        from tokenprune.evaluation.distributed import Shard
+
+        left = self.left
+
+        class _Shard(Shard):
+            def gather(self, obj):
+                if self.rank == 1:
+                    left["obj"] = obj
+                    return [obj]
+                return [obj, left.pop("obj")]
+
+        return _Shard(rank=rank, world_size=2)
+
+
+@pytest.mark.parametrize("method", [None, "divprune", "fastv"])
+def test_sharded_ranks_merge_into_the_single_process_result(setup, method):
+    """Each rank runs every other batch (3 batches: rank 0 gets 2, rank 1 gets 1); merged in batch order,
+    the result is the one of a single process, timings aside."""
+    model, proc, exs = setup
+    built = None if method is None else build_method(method, 12, 0)
+    single = Evaluator(model, proc, exs, batch_size=4, progress=False).run(built, name=str(method), budget=12)
+    ranks = _TwoRanks()
+    ev1 = Evaluator(model, proc, exs, batch_size=4, progress=False, shard=ranks.shard(1))
+    assert [i for i, _ in ev1.my_batches()] == [1] and ev1._batches[0].inputs is None  # only its own batch encoded
+    ev1.run(built, name=str(method), budget=12)
+    ev0 = Evaluator(model, proc, exs, batch_size=4, progress=False, shard=ranks.shard(0))
+    merged = ev0.run(built, name=str(method), budget=12)
+    assert ev0.n_image_tokens == ev1.n_image_tokens == single.n_image_tokens
+    assert merged.predictions == single.predictions and merged.families == single.families
+    np.testing.assert_array_equal(merged.scores, single.scores)
+    np.testing.assert_array_equal(merged.recall_pre_llm, single.recall_pre_llm)
+    np.testing.assert_array_equal(merged.recall_first_stage, single.recall_first_stage)
+    assert merged.equivalent_tokens == single.equivalent_tokens and len(merged.prefill_ms) == 3
+    stages = [[(s.label, s.layer, s.tokens) for s in r.stages] for r in (merged, single)]
+    assert stages[0] == stages[1]
+
+
+def test_shard_from_the_launcher_environment():
+    from tokenprune.errors import ConfigError
+    from tokenprune.evaluation.distributed import SINGLE, Shard, shard_from_environment
+
+    assert shard_from_environment({}) == SINGLE and SINGLE.is_main and SINGLE.gather(3) == [3]
+    assert Shard(rank=1, world_size=3).owns(4) and not Shard(rank=1, world_size=3).owns(3)
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        shard_from_environment({"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ConfigError, match="integers"):
+        shard_from_environment({"WORLD_SIZE": "two"})
+    with pytest.raises(ConfigError, match="rank 2"):
+        Shard(rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="process group"):
+        Shard(rank=0, world_size=2).gather(1)

@@ -103,15 +103,15 @@ def _minmax(vals):
     return {i: ((v - lo) / (hi - lo) if hi > lo else 0.0) for i, v in vals.items()}
 
 
-def naive_tops(x, r, k, lam, alpha):
+def naive_tops(x, r, k, lam, alpha, clamp=False):
     """TOPS as ALGORITHMS.md states it: S1 = argmax r, then argmax of min-max normalised
-    r + lam * c(U) + alpha * d(S), with m_j = max(0, max_{s in S} F_sj)."""
+    r + lam * c(U) + alpha * d(S), with m_j = max_{s in S} F_sj (clamp: max(0, max_{s in S} F_sj))."""
     F = _cos(x)
     n = F.shape[0]
     S = [_argmax(list(r), range(n))]
     while len(S) < k:
         U = [j for j in range(n) if j not in S]
-        m = [max(0.0, max(F[s, j] for s in S)) for j in range(n)]
+        m = [max([F[s, j] for s in S] + ([0.0] if clamp else [])) for j in range(n)]
         rel = _minmax({i: float(r[i]) for i in U})
         cov = _minmax({i: sum(max(0.0, F[i, j] - m[j]) for j in U) for i in U})
         div = _minmax({i: 1.0 - m[i] for i in U})
@@ -219,6 +219,9 @@ def test_tops_stage_one_matches_naive_tops(seed, k):
     assert m.select(x, relevance=r, budget=k).indices[0].tolist() == naive_tops(x[0], r[0], k, 0.3, 0.7)
     # the in-LLM stages use the other weights
     assert m.select(x, relevance=r, budget=k, stage=1).indices[0].tolist() == naive_tops(x[0], r[0], k, 1.0, 0.5)
+    # m_j floored at 0 (clamp_m=True) is the other reading
+    m = tp.create_method("tops", stage1_weights=(0.3, 0.7), clamp_m=True)
+    assert m.select(x, relevance=r, budget=k).indices[0].tolist() == naive_tops(x[0], r[0], k, 0.3, 0.7, clamp=True)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -232,10 +235,12 @@ def test_scope_matches_naive_saliency_weighted_coverage(seed, k):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("k, pivots", [(2, 4), (4, 4), (7, 4), (7, 1), (9, 3)])
-def test_dart_matches_naive_pivot_rule(seed, k, pivots):
+def test_pivot_dissimilarity_matches_naive_pivot_rule(seed, k, pivots):
+    # the modular approximation of DART (the method itself follows the official rule: test_fidelity_dart.py)
     x, key_norm = _inputs(seed=seed)
-    m = tp.create_method("dart", num_pivots=pivots)
-    got = m.select(x, relevance=key_norm, budget=k).indices[0].tolist()
+    ctx = tp.make_context(x, relevance=key_norm)
+    got = tp.get_selector("topk")().select(tp.criteria.PivotDissimilarity(num_pivots=pivots), ctx, k)
+    got = got.indices[0].tolist()
     assert got == naive_dart(x[0], key_norm[0].tolist(), k, pivots)
 
 
@@ -243,7 +248,8 @@ def test_dart_matches_naive_pivot_rule(seed, k, pivots):
 @pytest.mark.parametrize("n, k", [(16, 8), (24, 13), (30, 20), (16, 1)])
 def test_visionzip_matches_naive_dominant_plus_contextual(seed, n, k):
     x, r = _inputs(n=n, seed=seed)
-    sel = tp.select("visionzip", x, relevance=r, budget=k)
+    # the feature-mean variant (the official rule, [CLS] and keys: tests/test_visionzip_official.py)
+    sel = tp.create_method("visionzip", merge="mean", merge_by="features").select(x, relevance=r, budget=k)
     keep, feats = naive_visionzip(x[0], r[0].tolist(), k)
     assert sel.indices[0].tolist() == keep
     np.testing.assert_allclose(sel.features[0].double().numpy(), feats, rtol=1e-5, atol=1e-6)
@@ -264,7 +270,7 @@ def test_visionzip_target_plus_mean_and_keys():
     keys = torch.randn(1, 12, 3, generator=torch.Generator().manual_seed(9))
     vz = tp.get_selector("visionzip")
     ctx = tp.make_context(x, relevance=r, keys=keys)
-    a = vz(merge="target_plus_mean", contextual_ratio=0.5).select(tp.criteria.Relevance(), ctx, 6)
+    a = vz(merge_by="features", contextual_ratio=0.5).select(tp.criteria.Relevance(), ctx, 6)
     d, c = split_budget(6, 0.5)
     dominant = _topk(r[0].tolist(), d)
     rest = [i for i in range(12) if i not in dominant]
@@ -275,7 +281,7 @@ def test_visionzip_target_plus_mean_and_keys():
                    and _argmax({u: _cos(x[0])[o, u] for u in targets}, targets) == t]
         want = x[0, t].double() + (x[0, members].double().mean(0) if members else 0.0)
         np.testing.assert_allclose(a.features[0, j].double().numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
-    b = vz(merge_by="keys", contextual_ratio=0.5).select(tp.criteria.Relevance(), ctx, 6)
+    b = vz(contextual_ratio=0.5).select(tp.criteria.Relevance(), ctx, 6)  # merge_by="auto": the keys given
     assert b.indices[0].tolist() == a.indices[0].tolist()  # same targets; only the assignment metric changes
     with pytest.raises(tp.MissingSignalError, match="keys"):
         vz(merge_by="keys").select(tp.criteria.Relevance(), tp.make_context(x, relevance=r), 6)
@@ -428,7 +434,10 @@ def test_in_llm_methods_layers():
     pd = tp.create_method("pyramiddrop")
     assert _shape(pd) == [(8, 0.5), (16, 0.5), (24, 0.5)]
     assert [s.layer_for_depth(40) for s in pd.stages] == [10, 20, 30]
-    assert all(s.relevance == "text_attention" and s.raters == "last_token" for s in pd.stages)
+    assert all(s.relevance == "own_layer_attention" and s.raters == "last_token" and s.positions == "compact"
+               for s in pd.stages)  # the official ranking: the stage layer's own attention, positions re-indexed
+    prev = tp.create_method("pyramiddrop", rank_attention="previous_layer", positions="preserve")
+    assert all(s.relevance == "text_attention" and s.positions == "preserve" for s in prev.stages)
     assert _shape(tp.create_method("pyramiddrop", budget=64, ratio=0.25)) == [(8, 64), (16, 0.25), (24, 0.25)]
     with pytest.raises(ConfigError):
         tp.create_method("pyramiddrop", ratio=2)
@@ -446,7 +455,8 @@ def test_pre_llm_methods(name):
 def test_signal_sources():
     src = {n: tp.create_method(n).stages[0].relevance for n in EXPECTED}
     assert src["fastervlm"] == src["visionzip"] == src["scope"] == src["tops"] == "cls_attention"
-    assert src["fastv"] == src["reverse_fastv"] == src["window_fastv"] == src["pyramiddrop"] == "text_attention"
+    assert src["fastv"] == src["reverse_fastv"] == src["window_fastv"] == "text_attention"
+    assert src["pyramiddrop"] == "own_layer_attention"
     assert src["cdpruner"] == "text_similarity"
     assert src["divprune"] is src["facility_location"] is src["random"] is src["pooling"] is None
     assert tp.create_method("cdpruner", quality=None).stages[0].relevance is None
@@ -466,7 +476,8 @@ def test_budgets_and_fractions_work_for_every_method(name):
     x, r = _inputs(n=36, d=6, seed=11, batch=2)
     for budget in (5, 0.25):
         m = tp.create_method(name)
-        sel = m.select(x, relevance=r, budget=budget, grid=(6, 6), text_embeddings=torch.randn(2, 3, 6))
+        sel = m.select(x, relevance=r, budget=budget, grid=(6, 6), text_embeddings=torch.randn(2, 3, 6),
+                       text_relevance=torch.rand(2, 3))
         want = tp.Budget(budget).resolve(36)
         if getattr(m.stages[0].selector, "exact_budget", True):
             assert sel.counts.tolist() == [want, want]

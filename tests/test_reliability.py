@@ -230,7 +230,8 @@ def test_any_budget_mask_dtype_and_batch_gives_valid_indices(method):
         budget = data.draw(tps.budgets(N), label="budget")
         g = torch.Generator().manual_seed(data.draw(tps.seeds(), label="seed"))
         signals = dict(relevance=torch.rand(B, N, generator=g), text_embeddings=torch.randn(B, 3, D, generator=g),
-                       text_mask=torch.ones(B, 3, dtype=torch.bool), grid=(side, side))
+                       text_mask=torch.ones(B, 3, dtype=torch.bool), text_relevance=torch.rand(B, 3, generator=g),
+                       grid=(side, side))
         if data.draw(st.booleans(), label="full grid"):  # pooling and windows read the grid of a full mask
             mask = torch.ones(B, N, dtype=torch.bool)
         for stage in range(len(m.stages)):

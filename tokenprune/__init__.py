@@ -21,7 +21,7 @@ from .api import (create_criterion, create_method, create_selector, from_config,
                   get_method, get_selector, list_adapters, list_criteria, list_methods, list_selectors,
                   register_adapter, register_criterion, register_method, register_selector, resolve_method, select)
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters; no transformers import)
-from .runtime import PruneReport, VisionCache, prune  # noqa: E402
+from .runtime import PrefixCache, PruneReport, TextEncoder, VisionCache, prune  # noqa: E402
 
 __all__ = [
     "__version__", "Budget", "TokenContext", "make_context", "Selection", "Criterion", "ModularCriterion", "Tags",
@@ -32,5 +32,5 @@ __all__ = [
     "TokenPruneError", "BudgetError", "ConfigError", "DuplicateNameError", "IncompatibleComponentsError",
     "InvalidFeaturesError", "MissingSignalError", "ParameterError", "PluginWarning", "ShapeError", "StageError",
     "UnknownNameError", "UnsupportedModelError", "criteria", "selectors", "methods", "prune", "PruneReport",
-    "VisionCache",
+    "VisionCache", "PrefixCache", "TextEncoder",
 ]

@@ -10,7 +10,16 @@ Subcommands:
     One image and one question: the answer unpruned and pruned, tokens per stage, timings, and a
     picture of the kept patches of each stage.
 ``tokenprune testbed train`` / ``tokenprune testbed export``
-    Train the testbed model from scratch; write held-out questions as a JSONL set with images.
+    Train the testbed model from scratch; write held-out questions as a JSONL set with images, or
+    (``--format parquet``) as a parquet file with the lmms-eval task ``tokenprune_testbed``.
+``tokenprune lmms task``
+    Write an lmms-eval task folder over a local VQA set in the JSONL format.
+``tokenprune report``
+    The paper table (method x budget, score per task, relative to the unpruned run, equivalent tokens,
+    prefill latency) from lmms-eval output folders holding tokenprune reports.
+
+``tokenprune eval`` runs data-parallel when launched by ``torchrun`` or ``accelerate launch``: each
+rank evaluates its share of the batches and rank 0 prints and writes the table.
 """
 
 from __future__ import annotations
@@ -129,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     p.add_argument("--version", action="version", version=f"tokenprune {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{eval,run,testbed}")
+    sub = p.add_subparsers(dest="command", metavar="{eval,run,testbed,lmms,report}")
     sub.required = True
 
     e = sub.add_parser("eval", help="rank pruning methods by accuracy, evidence kept and speed",
@@ -162,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-vision-cache", action="store_true",
                    help="recompute the vision tower in every configuration (default: once per batch of images, "
                         "shared by every configuration; the results are identical)")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute the unpruned first LLM layers in every in-LLM configuration (default: once per "
+                        "batch, shared by the methods whose first stage acts at or after them; identical results)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="one image, one question: answers, tokens per stage, timings, overlay picture")
@@ -183,9 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
     tsub.required = True
     tsub.add_parser("train", help="train the testbed model from scratch (arguments go to the training script; "
                                   "see `tokenprune testbed train --help`)", add_help=False)
-    x = tsub.add_parser("export", help="write held-out questions as a JSONL VQA set with PNG images")
+    x = tsub.add_parser("export", help="write held-out questions as a JSONL VQA set with PNG images, or as "
+                                       "parquet with the lmms-eval task tokenprune_testbed")
     x.add_argument("--out", required=True, metavar="DIR")
-    x.add_argument("--n", type=int, default=50, help="questions (default 50)")
+    x.add_argument("--n", type=int, default=None,
+                   help="questions (default: 50 for jsonl, all 1,000 for parquet)")
+    x.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                   help="jsonl (default): testbed.jsonl and images/; parquet: testbed.parquet (images inside) and "
+                        "tokenprune_testbed.yaml, for lmms-eval --include_path DIR --tasks tokenprune_testbed")
+
+    lm = sub.add_parser("lmms", help="lmms-eval helpers: write a task over a local VQA set")
+    lsub = lm.add_subparsers(dest="lmms_command", metavar="{task}")
+    lsub.required = True
+    lt = lsub.add_parser("task", help="write an lmms-eval task folder over a local VQA set (JSONL format)",
+                         description="Check a local VQA set in the JSONL format and write DIR/NAME.yaml and "
+                                     "DIR/NAME.jsonl (image paths made absolute; images stay where they are). "
+                                     "Run it with: lmms-eval --model tokenprune --include_path DIR --tasks NAME")
+    lt.add_argument("--data", required=True, metavar="FILE.jsonl", help="the local VQA set")
+    lt.add_argument("--out", required=True, metavar="DIR", help="the task folder (created)")
+    lt.add_argument("--name", default="tokenprune_local_vqa", help="task name (default tokenprune_local_vqa)")
+    lt.add_argument("--max-new-tokens", type=int, default=16, metavar="T", help="answer length (default 16)")
+
+    rp = sub.add_parser("report", help="the paper table from lmms-eval runs with tokenprune reports",
+                        description="Read lmms-eval output folders (each with a *_results.json and the "
+                                    "tokenprune_report.json the tokenprune model wrote) and print the table: "
+                                    "method x budget, score per task, relative to the unpruned run, equivalent "
+                                    "tokens and prefill latency. Runs on different models or task versions are "
+                                    "refused.")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="lmms-eval --output_path folders (searched recursively)")
+    rp.add_argument("--out", metavar="PREFIX", default=None,
+                    help="write PREFIX.md, PREFIX.csv and PREFIX.json (default: print only)")
+    rp.add_argument("--plot", nargs="?", const="tokenprune_report.png", default=None, metavar="FILE.png",
+                    help="save score against equivalent tokens (default file: tokenprune_report.png)")
     return p
 
 
@@ -248,6 +289,10 @@ def cmd_eval(args) -> int:
     budgets = _merge_budgets(args.budgets) if args.budgets else list(DEFAULT_BUDGETS)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    from .evaluation.distributed import shard_from_environment
+
+    shard = shard_from_environment()  # torchrun / accelerate launch: this rank's share of the batches
+    say = print if shard.is_main else (lambda *a, **k: None)
     if args.data is not None:
         from .evaluation.data import read_vqa_jsonl
 
@@ -287,13 +332,20 @@ def cmd_eval(args) -> int:
 
         references = {ORACLE_NAME: make_oracle}
     ev = Evaluator(model, processor, examples, batch_size=args.batch_size, max_new_tokens=max_new,
-                   prompt=args.prompt, progress=not args.no_progress, vision_cache=not args.no_vision_cache)
+                   prompt=args.prompt, progress=not args.no_progress, vision_cache=not args.no_vision_cache,
+                   prefix_cache=not args.no_prefix_cache, shard=shard)
     ev.prepare()
-    print(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
-          f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
-          f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; "
-          f"batch {args.batch_size}; torch threads {torch.get_num_threads()}", flush=True)
+    ranks = (f"; {shard.world_size} ranks ({len(ev.my_batches())} of {len(ev.prepare())} batches on rank 0)"
+             if shard.world_size > 1 else "")
+    say(f"tokenprune eval: model {model_label} (loaded in {load_s:.1f} s); data {data_label}; "
+        f"{len(examples)} questions, {ev.n_image_tokens} image tokens each; {len(methods)} methods x "
+        f"{len(budgets)} budgets + unpruned{' + evidence oracle' if args.oracle else ''}; "
+        f"batch {args.batch_size}; torch threads {torch.get_num_threads()}{ranks}", flush=True)
     results = ev.run_all(methods, budgets, seed=args.seed, references=references)
+    timing = _timing(results, ev)
+    if not shard.is_main:  # rank 0 prints and writes
+        shard.close()
+        return 0
     records = make_records(results, family_order=QUESTION_FAMILIES)
     wall = time.perf_counter() - t_start
     print()
@@ -302,16 +354,15 @@ def cmd_eval(args) -> int:
           "brackets, for methods that prune only inside the LLM, by their first stage. Prefill: ms per "
           "question (vision tower, selection and LLM prefill, median over batches; vision work shared across "
           "configurations counts in each).")
-    timing = _timing(results, ev)
     print(f"\n{timing['text']}")
     print(f"Wall time {wall:.1f} s.")
     if args.output:
         meta = dict(model=model_label, data=data_label, n=len(examples), methods=methods, budgets=budgets,
                     seed=args.seed, batch_size=args.batch_size, max_new_tokens=max_new,
                     n_image_tokens=ev.n_image_tokens, wall_s=round(wall, 1), config_wall_s=timing["configs"],
-                    vision=timing["vision"], torch=torch.__version__,
+                    vision=timing["vision"], llm_prefix=timing["llm_prefix"], torch=torch.__version__,
                     transformers=__import__("transformers").__version__, threads=torch.get_num_threads(),
-                    machine=platform.machine(), python=platform.python_version())
+                    machine=platform.machine(), python=platform.python_version(), world_size=shard.world_size)
         path = write_json(records, args.output, meta=meta)
         print(f"Wrote {len(records)} records to {path}")
     if args.plot:
@@ -319,13 +370,15 @@ def cmd_eval(args) -> int:
         name = "testbed model" if args.model is None else os.path.basename(model_label.rstrip("/"))
         path = plot_records(records, args.plot, title=f"{name}: {len(examples)} questions")
         print(f"Saved the plot to {path}")
+    shard.close()
     return 0
 
 
 def _timing(results, ev) -> dict:
     """Where the time went: wall seconds per configuration and of the shared vision work.
 
-    Returns ``{"configs": {"method@budget": s}, "vision": {...} or None, "text": str}``.
+    Returns ``{"configs": {"method@budget": s}, "vision": {...} or None, "llm_prefix": {...} or None,
+    "text": str}``.
     """
     from .evaluation.runner import budget_label
 
@@ -337,7 +390,8 @@ def _timing(results, ev) -> dict:
              + "; ".join(f"{m} {'/'.join(ts)}" for m, ts in by_method.items()) + "."]
     vision = None
     if ev.vision_cache is not None:
-        st = ev.vision_cache.stats()
+        per_rank = ev.shard.gather(ev.vision_cache.stats())  # every rank calls it; one process: [stats]
+        st = {k: sum(r[k] for r in per_rank) for k in ("compute_ms", "saved_ms", "hits", "misses", "entries", "bytes")}
         vision = {"computed_s": round(st["compute_ms"] / 1e3, 2), "reused_s": round(st["saved_ms"] / 1e3, 2),
                   "hits": st["hits"], "misses": st["misses"], "entries": st["entries"], "bytes": st["bytes"]}
         lines.append(f"Vision side (tower, projector, vision signals): computed once per batch in "
@@ -345,7 +399,19 @@ def _timing(results, ev) -> dict:
                      f"(saving about {vision['reused_s']:.1f} s).")
     else:
         lines.append("Vision side recomputed in every configuration (--no-vision-cache).")
-    return {"configs": configs, "vision": vision, "text": "\n".join(lines)}
+    prefix = None
+    if ev.prefix_cache is not None:
+        per_rank = ev.shard.gather(ev.prefix_cache.stats())
+        st = {k: sum(r[k] for r in per_rank) for k in ("compute_ms", "saved_ms", "hits", "misses", "layers_saved")}
+        prefix = {"computed_s": round(st["compute_ms"] / 1e3, 2), "reused_s": round(st["saved_ms"] / 1e3, 2),
+                  "hits": st["hits"], "misses": st["misses"], "layers_saved": st["layers_saved"]}
+        if st["hits"] or st["misses"]:
+            lines.append(f"Unpruned first LLM layers of in-LLM methods: computed once per batch in "
+                         f"{prefix['computed_s']:.1f} s, replayed {st['hits']} times "
+                         f"({st['layers_saved']} layer calls, saving about {prefix['reused_s']:.1f} s).")
+    else:
+        lines.append("First LLM layers recomputed in every in-LLM configuration (--no-prefix-cache).")
+    return {"configs": configs, "vision": vision, "llm_prefix": prefix, "text": "\n".join(lines)}
 
 
 def cmd_run(args) -> int:
@@ -461,13 +527,60 @@ def cmd_testbed(args, rest) -> int:
         return 0
     if rest:
         raise TokenPruneError(f"unrecognised arguments: {' '.join(rest)}")
-    from .testbed.evaluate import export_jsonl
+    from .testbed.evaluate import HELD_OUT_SIZE, export_jsonl, export_parquet
 
-    if args.n < 1:
-        raise TokenPruneError(f"--n must be >= 1, got {args.n}")
+    n = args.n if args.n is not None else (HELD_OUT_SIZE if args.format == "parquet" else 50)
+    if n < 1:
+        raise TokenPruneError(f"--n must be >= 1, got {n}")
     _check_output_path(args.out, "--out", folder=True)
-    path = export_jsonl(args.out, n=args.n)
-    print(f"wrote {args.n} questions to {path}")
+    if args.format == "parquet":
+        from .integrations.lmms.taskfiles import TESTBED_TASK, write_testbed_task
+
+        path = export_parquet(args.out, n=n)
+        task = write_testbed_task(args.out, path)
+        print(f"wrote {n} questions to {path} and the lmms-eval task {TESTBED_TASK} to {task}\n"
+              f"run: lmms-eval --model tokenprune --model_args pretrained=MODEL,method=NAME,budget=B "
+              f"--include_path {args.out} --tasks {TESTBED_TASK}")
+        return 0
+    path = export_jsonl(args.out, n=n)
+    print(f"wrote {n} questions to {path}")
+    return 0
+
+
+def cmd_lmms(args) -> int:
+    """``tokenprune lmms task``: an lmms-eval task folder over a local VQA set."""
+    from .integrations.lmms.taskfiles import write_local_vqa_task
+
+    _check_positive(args.max_new_tokens, "--max-new-tokens")
+    _check_output_path(args.out, "--out", folder=True)
+    path, n = write_local_vqa_task(args.data, args.out, name=args.name, max_new_tokens=args.max_new_tokens)
+    print(f"wrote the lmms-eval task {args.name} ({n} questions) to {path}\n"
+          f"run: lmms-eval --model tokenprune --model_args pretrained=MODEL,method=NAME,budget=B "
+          f"--include_path {args.out} --tasks {args.name}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """``tokenprune report``: the paper table from lmms-eval runs."""
+    from .integrations.report import build_table, format_markdown, load_runs, plot_table, write_table
+
+    if args.out:
+        for ext in (".md", ".csv", ".json"):
+            _check_output_path(f"{args.out}{ext}", "--out")
+    if args.plot:
+        _check_output_path(args.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise TokenPruneError("--plot needs matplotlib: pip install 'tokenprune[plot]'") from None
+    runs = load_runs(args.runs)
+    table = build_table(runs)
+    print(format_markdown(table))
+    if args.out:
+        for path in write_table(table, args.out):
+            print(f"wrote {path}")
+    if args.plot:
+        print(f"saved the plot to {plot_table(table, args.plot)}")
     return 0
 
 
@@ -483,6 +596,10 @@ def main(argv=None) -> int:
             return cmd_eval(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "lmms":
+            return cmd_lmms(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_testbed(args, rest)
     except TokenPruneError as e:
         print(f"tokenprune {args.command}: error: {e} [{type(e).__name__}]", file=sys.stderr)

@@ -8,15 +8,19 @@ from typing import Mapping
 
 import torch
 
-from .errors import InvalidFeaturesError, MissingSignalError, ShapeError
+from .errors import InvalidFeaturesError, MissingSignalError, ParameterError, ShapeError
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+#: Arithmetic of the features' similarities (:attr:`TokenContext.compute_dtype`).
+COMPUTE_DTYPES = ("float32", "model")
 
 #: Signals a context can carry, with their shapes. Plugins may pass others through ``extra``.
 SIGNALS = {
     "relevance": "[B, N] float: per-token relevance (e.g. [CLS] or text-rater attention)",
     "text_embeddings": "[B, T, D] float: text (instruction) token embeddings in the feature space",
     "text_mask": "[B, T] bool: valid text tokens",
+    "text_relevance": "[B, T] float: per-text-token score (e.g. DART's key L1 norms of the instruction tokens)",
     "grid": "(rows, cols): the 2-D patch grid, rows * cols == N",
     "coords": "[B, N, 4] float: (image, crop, row, col) of each token, -1 where not a patch (the adapters "
               "pass it; spatial selectors read it when there is no single grid)",
@@ -41,12 +45,23 @@ class TokenContext:
         ``[B, N]`` float32 relevance scores (padding positions hold 0).
     text_embeddings : torch.Tensor or None
         ``[B, T, D]`` text embeddings, with ``text_mask`` ``[B, T]`` bool.
+    text_relevance : torch.Tensor or None
+        ``[B, T]`` float32 scores of the text tokens (DART's text pivots: their keys' L1 norms); 0 at
+        padding.
     grid : tuple of int or None
         ``(rows, cols)`` of the patch grid in raster order.
     extra : Mapping[str, torch.Tensor]
         Further named signals (plugins), each with leading dims ``[B, N]``.
     seed : int
         Seed for stochastic components; the same seed gives the same selection.
+    compute_dtype : {"float32", "model"}
+        Arithmetic of :attr:`unit_features` and :attr:`similarity`. ``"float32"`` (default): the
+        features are upcast to float32 before they are normalised and multiplied. ``"model"``: they
+        are normalised (``x / ||x||``) and multiplied (one ``torch.mm`` per sample) in their own dtype,
+        as a model running in fp16 or bf16 would; the results are then stored as float32 (an exact
+        copy of the rounded values), so every criterion reads them as before. Selectors that
+        reproduce a reference written in the model's dtype read :attr:`features_dtype` and keep
+        their own arithmetic in it (:class:`~tokenprune.selectors.MaxMin`, DivPrune's fp16 scripts).
     """
 
     features: torch.Tensor
@@ -54,9 +69,11 @@ class TokenContext:
     relevance: torch.Tensor | None = None
     text_embeddings: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+    text_relevance: torch.Tensor | None = None
     grid: tuple | None = None
     extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
+    compute_dtype: str = "float32"
 
     @property
     def batch_size(self) -> int:
@@ -75,9 +92,25 @@ class TokenContext:
         """long ``[B]``: number of real tokens per sample."""
         return self.mask.sum(1)
 
+    @property
+    def features_dtype(self) -> torch.dtype:
+        """The dtype the similarities are computed in: float32, or the features' own for
+        ``compute_dtype="model"``."""
+        return self.features.dtype if self.compute_dtype == "model" else torch.float32
+
+    @cached_property
+    def _model_unit_features(self) -> torch.Tensor:
+        """``[B, N, D]`` in the features' dtype: ``x / ||x||`` computed in that dtype (padding rows 0)."""
+        x = self.features
+        unit = x / x.norm(dim=-1, keepdim=True)
+        return torch.where(self.mask.unsqueeze(-1), unit, torch.zeros((), dtype=unit.dtype, device=unit.device))
+
     @cached_property
     def unit_features(self) -> torch.Tensor:
-        """float32 ``[B, N, D]``: L2-normalised features (padding rows are zero)."""
+        """float32 ``[B, N, D]``: L2-normalised features (padding rows are zero), normalised in
+        float32 or, for ``compute_dtype="model"``, in the features' dtype."""
+        if self.compute_dtype == "model":
+            return self._model_unit_features.float()
         x = torch.nn.functional.normalize(self.features.float(), dim=-1, eps=1e-12)
         return x * self.mask.unsqueeze(-1)
 
@@ -85,8 +118,13 @@ class TokenContext:
     def similarity(self) -> torch.Tensor:
         """float32 ``[B, N, N]``: cosine similarity ``F = Ĥ Ĥᵀ``; rows and columns of padding are 0.
 
-        One batched GEMM, ``O(B N² D)`` time and ``O(B N²)`` memory.
+        One batched GEMM in float32, ``O(B N² D)`` time and ``O(B N²)`` memory. With
+        ``compute_dtype="model"``, one ``torch.mm`` per sample in the features' dtype (the values
+        rounded to it), stored as float32.
         """
+        if self.compute_dtype == "model":
+            x = self._model_unit_features
+            return torch.stack([torch.mm(xb, xb.t()) for xb in x]).float()
         x = self.unit_features
         return torch.bmm(x, x.transpose(1, 2))
 
@@ -99,7 +137,7 @@ class TokenContext:
                 f"({'; '.join(SIGNALS.get(n, 'plugin signal') for n in missing)}), which were not given")
 
     def get_signal(self, name: str):
-        if name in ("relevance", "text_embeddings", "text_mask", "grid"):
+        if name in ("relevance", "text_embeddings", "text_mask", "text_relevance", "grid"):
             return getattr(self, name)
         return self.extra.get(name)
 
@@ -127,7 +165,8 @@ def _rows_finite(x: torch.Tensor, mask: torch.Tensor) -> bool:
 
 def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
                  relevance: torch.Tensor | None = None, text_embeddings: torch.Tensor | None = None,
-                 text_mask: torch.Tensor | None = None, grid=None, seed: int = 0, **extra) -> TokenContext:
+                 text_mask: torch.Tensor | None = None, text_relevance: torch.Tensor | None = None, grid=None,
+                 seed: int = 0, compute_dtype: str = "float32", **extra) -> TokenContext:
     """Validate inputs and build a :class:`TokenContext`.
 
     Parameters
@@ -141,10 +180,14 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
         ``[B, N]`` relevance scores.
     text_embeddings : torch.Tensor, optional
         ``[B, T, D]`` text embeddings in the feature space; ``text_mask`` ``[B, T]`` marks valid ones.
+    text_relevance : torch.Tensor, optional
+        ``[B, T]`` scores of the text tokens (needs ``text_embeddings``).
     grid : tuple of int, optional
         ``(rows, cols)`` with ``rows * cols == N``.
     seed : int
         Seed for stochastic selectors.
+    compute_dtype : {"float32", "model"}
+        Arithmetic of the similarities (see :class:`TokenContext`); default ``"float32"``.
     **extra : torch.Tensor
         Plugin signals with leading dims ``[B, N]``.
 
@@ -155,11 +198,16 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
         other than 0/1 (e.g. 0.5 or 2).
     InvalidFeaturesError
         Non-float features or signals, NaN or inf in valid positions, or an all-padding sample.
+    ParameterError
+        An unknown ``compute_dtype``.
 
     Notes
     -----
     ``O(B N D)`` for the finiteness checks (one reduction over the features, no copy).
     """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ParameterError(f"compute_dtype must be one of {COMPUTE_DTYPES} (float32 arithmetic, or the features' "
+                             f"own dtype), got {compute_dtype!r}")
     _check_float("features", features)
     if features.dim() == 2:
         features = features.unsqueeze(0)
@@ -168,6 +216,7 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
         if text_embeddings is not None and text_embeddings.dim() == 2:
             text_embeddings = text_embeddings.unsqueeze(0)
             text_mask = None if text_mask is None else text_mask.reshape(1, -1)
+            text_relevance = None if text_relevance is None else text_relevance.reshape(1, -1)
     if features.dim() != 3:
         raise ShapeError(f"features must be [B, N, D] (or [N, D]), got shape {tuple(features.shape)}")
     B, N, D = features.shape
@@ -210,8 +259,15 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
         if not _rows_finite(text_embeddings, text_mask):
             raise InvalidFeaturesError("text_embeddings contain NaN or inf")
         text_embeddings = text_embeddings.to(features.device)
-    elif text_mask is not None:
-        raise ShapeError("text_mask was given without text_embeddings")
+        if text_relevance is not None:
+            _check_float("text_relevance", text_relevance)
+            if tuple(text_relevance.shape) != (B, T):
+                raise ShapeError(f"text_relevance must be [B, T] = {(B, T)}, got {tuple(text_relevance.shape)}")
+            text_relevance = text_relevance.to(features.device).float().masked_fill(~text_mask, 0.0)
+            if not torch.isfinite(text_relevance).all():
+                raise InvalidFeaturesError("text_relevance contains NaN or inf at valid text positions")
+    elif text_mask is not None or text_relevance is not None:
+        raise ShapeError("text_mask or text_relevance was given without text_embeddings")
     if grid is not None:
         try:
             rows, cols = (int(g) for g in grid)
@@ -228,4 +284,5 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     extra = {k: v.to(features.device) for k, v in extra.items() if v is not None}
     return TokenContext(features=features, mask=mask, relevance=relevance, text_embeddings=text_embeddings,
-                        text_mask=text_mask, grid=grid, extra=extra, seed=int(seed))
+                        text_mask=text_mask, text_relevance=text_relevance, grid=grid, extra=extra,
+                        seed=int(seed), compute_dtype=compute_dtype)

@@ -112,6 +112,8 @@ def _method_info(name: str, tp):
         parts = []
         for st in m.stages:
             where = "before LLM" if st.layer is None else f"layer {st.layer}"
+            if getattr(st, "site", "projected") == "vision":
+                where = "before the projector"
             sel = tp.registry.selectors.name_of(st.selector) or type(st.selector).__name__
             obj = st.objective
             obj = "--" if obj is None else (tp.registry.criteria.name_of(obj) or type(obj).__name__)

@@ -18,7 +18,7 @@ Examples
 True
 """
 
-from .base import ModelAdapter, TokenLayout, VisionRecord
+from .base import ModelAdapter, TokenLayout, VisionCropTokens, VisionRecord
 from .lookup import get_model_adapter
 from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter, SmolVLMAdapter
@@ -26,6 +26,6 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
-__all__ = ["ModelAdapter", "TokenLayout", "VisionRecord", "get_model_adapter", "LlavaAdapter", "LlavaNextAdapter",
-           "LlavaOnevisionAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Idefics3Adapter", "SmolVLMAdapter",
-           "Gemma3Adapter"]
+__all__ = ["ModelAdapter", "TokenLayout", "VisionRecord", "VisionCropTokens", "get_model_adapter", "LlavaAdapter",
+           "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Idefics3Adapter",
+           "SmolVLMAdapter", "Gemma3Adapter"]

@@ -41,12 +41,51 @@ class VisionRecord:
         The call's ``pooler_output`` container as it was returned. ``generate`` with ``num_beams``
         or ``num_return_sequences`` later replaces the output's container with one that repeats each
         prompt's features; the record keeps the original, which matches ``kwargs``.
+    keys : torch.Tensor or None
+        float32 ``[n_crops, n_vision_tokens, head_dim]``: the attention keys of the same layer as
+        ``cls_attention``, averaged over heads (captured for stages at ``site="vision"``).
+    vision_states : torch.Tensor or None
+        ``[n_crops, n_vision_tokens, D_vision]`` (model dtype): the tower's hidden states at
+        ``vision_feature_layer`` ([CLS] included, before the feature selection and the projector;
+        several layers concatenated along the last dimension), for stages at ``site="vision"``.
     """
 
     kwargs: dict
     output: Any = None
     cls_attention: torch.Tensor | None = None
     pooler_output: Any = None
+    keys: torch.Tensor | None = None
+    vision_states: torch.Tensor | None = None
+
+
+@dataclass
+class VisionCropTokens:
+    """What a stage at ``site="vision"`` kept of one crop (tile) of an image, in the order it chose.
+
+    Attributes
+    ----------
+    crop : int
+        The crop's index within its image (LLaVA-NeXT: 0 is the base image, then the high-resolution
+        crops in row-major order), as in :class:`TokenLayout` coordinates.
+    tokens : torch.Tensor
+        long ``[k]``: indices into the crop's vision-tower tokens ([CLS] first on CLIP towers).
+    features : torch.Tensor
+        ``[k, D]``: the projected features of those tokens (merged ones included).
+    merged : torch.Tensor
+        bool ``[k]``: tokens formed by merging others into them (VisionZip's contextual tokens).
+    cls : torch.Tensor
+        bool ``[k]``: [CLS] tokens.
+    coords : torch.Tensor
+        long ``[k, 4]``: ``(image, crop, row, col)`` of each token's patch in the crop's grid
+        (``row = col = -1`` for [CLS]).
+    """
+
+    crop: int
+    tokens: torch.Tensor
+    features: torch.Tensor
+    merged: torch.Tensor
+    cls: torch.Tensor
+    coords: torch.Tensor
 
 
 @dataclass
@@ -227,6 +266,20 @@ class ModelAdapter:
             ids = ids.clamp(0, int(vocab) - 1)
         return self.base.get_input_embeddings()(ids)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]``: ``hidden`` through the decoder stack's final norm (``.norm``, learned weight
+        included), as the LLM applies it before the LM head (DART compares tokens in this space).
+
+        Raises
+        ------
+        UnsupportedModelError
+            The decoder stack has no ``norm`` module.
+        """
+        norm = getattr(self.text_model, "norm", None)
+        if norm is None:
+            raise UnsupportedModelError(f"{type(self.text_model).__name__} has no final norm (.norm)")
+        return norm(hidden)
+
     # -- image features -------------------------------------------------------------------------
     def image_kwargs(self, kwargs: dict) -> dict:
         """The kwargs of ``get_image_features`` found in a forward's kwargs (as ``generate`` picks them)."""
@@ -365,6 +418,104 @@ class ModelAdapter:
         att = record.cls_attention  # [n_img, 1 + P]
         tok = att[:, 1:] if self.feature_select_strategy(record) == "default" else att
         return tok.reshape(-1)[: sum(sizes)].float()
+
+    # -- the vision tower before the projector (stages at site="vision") -------------------------
+    #: Whether a stage can act on the vision tower's feature-layer states before the projector
+    #: (``Stage(site="vision")``): the projector maps each vision token to one LLM token, so any kept or
+    #: merged set of tokens can be projected. Families without it run such a stage on the projected
+    #: features, for the reason :attr:`vision_site_reason` gives.
+    supports_vision_site: ClassVar[bool] = False
+    #: Why a family does not support ``site="vision"`` (shown in the report's note).
+    vision_site_reason: ClassVar[str] = "its projector does not map each vision token to one LLM token"
+
+    def vision_site_unsupported(self) -> str | None:
+        """``None`` when a stage can act before this model's projector, else why not (one phrase).
+
+        LLaVA-style families need a token-wise ``multi_modal_projector`` on the base model.
+        """
+        if not self.supports_vision_site:
+            return self.vision_site_reason
+        if not callable(getattr(self.base, "multi_modal_projector", None)):
+            return f"{type(self.base).__name__} has no multi_modal_projector"
+        return None
+
+    def feature_layers(self, kwargs: dict | None = None):
+        """``vision_feature_layer`` of a ``get_image_features`` call (``kwargs``), else of the config:
+        an int, or a list of ints whose hidden states are concatenated."""
+        v = None if kwargs is None else kwargs.get("vision_feature_layer")
+        if v is None:
+            v = getattr(self.config, "vision_feature_layer", -1)
+        return list(v) if isinstance(v, (list, tuple)) else int(v)
+
+    def vision_states(self, output, kwargs: dict | None = None) -> torch.Tensor | None:
+        """``[n_crops, T, D_vision]``: the tower's hidden states at the feature layer, every token
+        ([CLS] included), as ``get_image_features`` selected them before its feature selection and
+        projector; ``None`` when ``output`` does not carry them.
+
+        Parameters
+        ----------
+        output : transformers.modeling_outputs.BaseModelOutputWithPooling
+            What ``get_image_features`` returned (its ``hidden_states`` hold the selected layers).
+        kwargs : dict, optional
+            The call's arguments (for ``vision_feature_layer``).
+        """
+        hs = getattr(output, "hidden_states", None)
+        if hs is None:
+            return None
+        layers = self.feature_layers(kwargs)
+        try:
+            picked = [hs[i] for i in (layers if isinstance(layers, list) else [layers])]
+        except IndexError:
+            return None
+        if any(h is None for h in picked):
+            return None
+        return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
+
+    def vision_crops(self, record: VisionRecord) -> list:
+        """Per image of the ``get_image_features`` call, how many consecutive rows (crops) of the
+        vision tower's batch it has (default: one per image)."""
+        states = record.vision_states
+        return [1] * (0 if states is None else int(states.shape[0]))
+
+    def project_vision_states(self, states: torch.Tensor) -> torch.Tensor:
+        """``[..., k, D]``: the model's projector applied to vision-tower states ``[..., k, D_vision]``
+        (default ``multi_modal_projector``, token by token)."""
+        return self.base.multi_modal_projector(states)
+
+    def tower_coords(self, image: int, crop: int, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """long ``[k, 4]``: ``(image, crop, row, col)`` of vision-tower tokens ``tokens`` of a crop of
+        ``num_tokens`` tokens; tokens before the ``side x side`` patches ([CLS]) get ``row = col = -1``."""
+        side = self.patch_grid_side()
+        p = tokens.long().cpu() - (num_tokens - side * side)
+        out = torch.full((tokens.numel(), 4), -1, dtype=torch.long)
+        out[:, 0], out[:, 1] = image, crop
+        ok = p >= 0
+        out[ok, 2], out[ok, 3] = p[ok] // side, p[ok] % side
+        return out
+
+    def arrange_vision_tokens(self, image: int, crops: list, record: VisionRecord):
+        """One image's visual tokens, in the order the LLM sees them, from what a ``site="vision"``
+        stage kept of each of its crops.
+
+        Parameters
+        ----------
+        image : int
+            The image's index in the ``get_image_features`` call.
+        crops : list of VisionCropTokens
+            Per crop of the image, in crop order (crops that kept nothing may be missing).
+        record : VisionRecord
+            The call.
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            ``[k, D]`` features and long ``[k, 4]`` coordinates. Default: the crops one after the
+            other, each in the stage's order (LLaVA-1.5: [CLS], the dominant patches, the merged
+            tokens, as the official VisionZip code).
+        """
+        if not crops:
+            return None, torch.zeros(0, 4, dtype=torch.long)
+        return torch.cat([c.features for c in crops]), torch.cat([c.coords for c in crops])
 
     # -- positions ------------------------------------------------------------------------------
     def full_position_ids(self, kwargs: dict, record: VisionRecord | None) -> torch.Tensor:

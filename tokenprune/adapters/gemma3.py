@@ -32,6 +32,7 @@ class Gemma3Adapter(ModelAdapter):
     vision_cls = False
     layout_notes = ("one square grid of pooled patches per image; in-LLM stages only while the sequence "
                     "fits the sliding window")
+    vision_site_reason = "its projector average-pools groups of patches into one token"
 
     def token_layout(self, pooler_output, record) -> TokenLayout:
         sizes = self.image_sizes_per_item(pooler_output)

@@ -31,6 +31,7 @@ class Idefics3Adapter(ModelAdapter):
     vision_cls = False
     layout_notes = ("per sample, row-major tiles then the global image, a square grid each after the "
                     "pixel shuffle; decoder at ``text_model``")
+    vision_site_reason = "its connector's pixel shuffle projects groups of patches into one token"
 
     def tokens_per_tile(self) -> int:
         """Visual tokens per tile: the tower's patch grid divided by the pixel shuffle's ``scale_factor²``."""

@@ -29,11 +29,58 @@ class LlavaNextAdapter(ModelAdapter):
 
     Newline tokens follow :func:`tokenprune.prune`'s ``newlines`` policy (default ``"keep"``: protected,
     not counted against the budget). [CLS] attention is per crop, mapped through the same packing.
+
+    Stages before the projector (``site="vision"``, VisionZip) select in each crop (the vision tower
+    runs on the crops of all images as one batch); :meth:`arrange_vision_tokens` lays an image's kept
+    tokens out as the official VisionZip code does for ``spatial_unpad``: no unpadding and no
+    ``image_newline`` tokens.
     """
 
     model_types = ("llava_next",)
     layout_notes = ("base image grid, then the anyres crops as one unpadded grid with an "
                     "``image_newline`` token after each row")
+    supports_vision_site = True
+
+    def vision_crops(self, record) -> list:
+        """Crops per image (base image included), consecutive rows of the vision tower's batch."""
+        return self._num_patches(record)
+
+    def arrange_vision_tokens(self, image, crops, record):
+        """An image's tokens after a ``site="vision"`` stage, in the official VisionZip layout.
+
+        As ``restore_image_features_sorted`` and ``prepare_inputs_labels_for_multimodal_visionzip`` in
+        dvlab-research/VisionZip (commit ``3151f6df4fca36a4cd1c985e5956e725b1f9ad02``,
+        ``visionzip/llava_arch.py``): the base image's tokens in the stage's order ([CLS], dominant,
+        contextual); then the high-resolution crops' kept patches that were not merged, in the raster
+        order of the whole crop arrangement (rows run across crops); then those crops' [CLS] tokens in
+        crop order; then their merged (contextual) tokens, crop by crop. An image that was not split
+        keeps the default layout.
+        """
+        n_crops = self._num_patches(record)[image] if record.kwargs.get("image_sizes") is not None else 1
+        if n_crops <= 1 or not any(c.crop > 0 for c in crops):
+            return super().arrange_vision_tokens(image, crops, record)
+        mod = sys.modules[type(self.base).__module__]
+        _, cols = mod.get_anyres_image_grid_shape(record.kwargs["image_sizes"][image], self.config.image_grid_pinpoints,
+                                                  self.vision_config.image_size)
+        side = self.patch_grid_side()
+        high = [c for c in crops if c.crop > 0]
+        parts = [(c.features, c.coords) for c in crops if c.crop == 0]
+        feats, coords, keys = [], [], []
+        for c in high:
+            patch = ~c.merged.cpu() & ~c.cls.cpu() & (c.coords[:, 2] >= 0)
+            crow, ccol = divmod(c.crop - 1, int(cols))
+            r = crow * side + c.coords[patch, 2]
+            q = ccol * side + c.coords[patch, 3]
+            keys.append(r * (int(cols) * side) + q)
+            feats.append(c.features[patch.to(c.features.device)])
+            coords.append(c.coords[patch])
+        order = torch.argsort(torch.cat(keys), stable=True)
+        parts.append((torch.cat(feats)[order.to(feats[0].device)], torch.cat(coords)[order]))
+        for flag in ("cls", "merged"):  # the [CLS] tokens, then the contextual tokens, crop by crop
+            for c in high:
+                which = getattr(c, flag).cpu()
+                parts.append((c.features[which.to(c.features.device)], c.coords[which]))
+        return torch.cat([f for f, _ in parts]), torch.cat([k for _, k in parts])
 
     def _num_patches(self, record) -> list:
         """Crops per image (base image included), as the model's ``image_size_to_num_patches`` counts them."""
@@ -131,6 +178,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     model_types = ("llava_onevision",)
     supports_mean_attention = True
+    supports_vision_site = False
+    vision_site_reason = ("its SigLIP tower has no [CLS] token and its anyres packing (unpadding, down-scaling, "
+                          "newlines) has no official VisionZip layout")
     vision_cls = False
     layout_notes = ("as LLaVA-NeXT, crops only for single-image samples, large grids scaled down "
                     "(``anyres_max_9``)")

@@ -29,6 +29,7 @@ class Qwen2VLAdapter(ModelAdapter):
     mrope = True
     vision_cls = False
     layout_notes = "per image, ``t`` frames of a merged patch grid from ``image_grid_thw``, raster order"
+    vision_site_reason = "its patch merger projects each 2 x 2 group of patches into one token"
 
     def full_position_ids(self, kwargs, record) -> torch.Tensor:
         pid = kwargs.get("position_ids")

@@ -82,6 +82,9 @@ class Diversity(Criterion):
 
 QUALITY_SOURCES = (None, "given", "text_similarity")
 KERNELS = ("cosine", "shifted")
+#: Added to the numerator of CDPruner's min-max normalisation of the relevance (its official code):
+#: ``q = (r - min + 1e-6) / (max - min)``, so the least relevant token keeps a tiny positive quality.
+QUALITY_OFFSET = 1e-6
 
 
 @criteria.register("log_det")
@@ -107,8 +110,9 @@ class LogDet(Criterion):
     reduce : {"mean", "max"}
         Reduction over text tokens for ``quality="text_similarity"`` (CDPruner averages).
     normalize_quality : bool
-        Min-max normalise the relevance over each sample's valid tokens to [0, 1] before use, as
-        CDPruner does (the least relevant token then has ``q = 0`` and is picked last).
+        Min-max normalise the relevance over each sample's valid tokens before use, as CDPruner's
+        code does: ``q = (r - min + 1e-6) / (max - min)`` (the least relevant token gets a quality of
+        ``1e-6 / (max - min)`` and is picked last; all equal: ``q = 1``).
     theta : float or None
         If given (in [0, 1)), use Chen et al.'s relevance-diversity trade-off
         ``q = exp(α r̃)``, ``α = θ / (2 (1 - θ))``, instead of ``q = r̃``. ``None`` (default): ``q = r̃``.
@@ -132,8 +136,17 @@ class LogDet(Criterion):
     :class:`~tokenprune.selectors.DPPMap` runs the same recursion with preallocated buffers.
 
     The paper leaves open whether ``F`` is shifted; CDPruner's code uses ``F`` directly, which we
-    default to. Relevance is taken as given (CDPruner negates the CLIP text similarity for some
-    models; pass the scores you want).
+    default to. Relevance is taken as given: CDPruner's code negates the CLIP text similarity (for
+    LLaVA's CLIP tower); :class:`tokenprune.TextEncoder` computes it so when it gives the relevance,
+    pass the scores you want on plain tensors. Checked against Theia-4869/CDPruner at commit
+    ``9541616c40fcd5625de1cdb8ea6c33c129eb7864`` (``llava/model/llava_arch.py``, ``encode_images``):
+    the same normalisation, kernel ``diag(q) F diag(q)`` with ``F`` the cosine similarity of the
+    projected features in float32, and fast greedy MAP; the differences are ``εI`` (not in the official
+    kernel; it keeps the Schur complements positive once the kernel's rank is exhausted, where the
+    official code divides by ``sqrt`` of a non-positive number) and the normalisation's scope: the
+    official code takes ``min`` and ``max`` over the whole batch tensor (every crop of the image for
+    LLaVA-NeXT at batch size 1), we over each sample's candidate tokens (the same at batch size 1,
+    up to LLaVA-NeXT's padded patches, which the official code includes and unpadding removes).
 
     References
     ----------
@@ -195,7 +208,7 @@ class LogDet(Criterion):
             lo = torch.where(mask, r, inf).amin(1, keepdim=True)
             hi = torch.where(mask, r, -inf).amax(1, keepdim=True)
             span = hi - lo
-            r = torch.where(span > 0, (r - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+            r = torch.where(span > 0, (r - lo + QUALITY_OFFSET) / torch.where(span > 0, span, torch.ones_like(span)),
                             torch.ones_like(r))
         if self.theta is not None:
             r = torch.exp(r * (self.theta / (2.0 * (1.0 - self.theta))))

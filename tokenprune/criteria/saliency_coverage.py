@@ -61,6 +61,11 @@ class SaliencyCoverage(Criterion):
     penultimate layer, summed over heads, and runs on the encoder's hidden states; in tokenprune the
     stage runs on the projected features with ``relevance="cls_attention"`` from the adapter.
 
+    Checked against kinredon/SCOPE@6bf73069 (``SCOPE`` in ``scope/clip_encoder.py``): the same score
+    (``m`` starting at 0, the sum over all tokens, saliency to the power ``alpha``, ``"multi"`` or
+    ``"add"``); greedy on it keeps the official sets on the same inputs, up to near-ties below the
+    coverage's fixed-point resolution (``tests/test_fidelity.py``, ``docs/fidelity.rst``).
+
     References
     ----------
     Deng et al., "SCOPE: Saliency-Coverage Oriented Token Pruning for Efficient Multimodal LLMs",

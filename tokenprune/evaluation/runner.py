@@ -19,8 +19,9 @@ from ..budget import Budget, parse_budget
 from ..errors import ConfigError
 from ..methods.build import accepted_parameters, create_method
 from ..methods.compose import PruningMethod
-from ..runtime import VisionCache, prune
+from ..runtime import PrefixCache, VisionCache, prune
 from .data import load_image
+from .distributed import SINGLE, Shard
 from .models import build_prompt, image_grid, num_image_tokens, with_generation_positions
 from .vqa import vqa_accuracy
 
@@ -202,9 +203,21 @@ class Evaluator:
         included, reuses them. Results are identical to recomputing them. ``False`` recomputes them
         in every configuration; a :class:`~tokenprune.VisionCache` instance is used as given (and can
         be shared between evaluators of the same model).
+    prefix_cache : bool or PrefixCache
+        Share the unpruned first decoder layers across configurations (default ``True``: a
+        :class:`~tokenprune.PrefixCache` bounded by ``cache_bytes``): methods whose first stage acts
+        inside the LLM at layer ``k``, with no stage before it, compute layers ``0 .. k-1`` once per batch
+        (FastV, ReverseFastV, WindowFastV and DART at layer 2 share theirs). Results are identical to
+        recomputing them; ``False`` recomputes them.
     cache_bytes : int
         Keep the processor's output for every batch when it fits in this many bytes (default 2 GiB;
         the testbed's 1,000 questions take about 0.6 GB); otherwise re-encode each batch when used.
+    shard : Shard, optional
+        This process's rank among data-parallel processes (see
+        :func:`tokenprune.evaluation.distributed.shard_from_environment`): it evaluates the batches
+        whose index is its rank modulo the world size, and :meth:`run` gathers every rank's batches
+        and merges them in batch order, so every rank returns what one process would (latencies
+        aside). Default: one process.
 
     Notes
     -----
@@ -212,13 +225,13 @@ class Evaluator:
     ``cache_bytes``), and so is the vision side (see ``vision_cache``). Latency is
     the wall time of the prefill forward (vision tower, selection and LLM prefill), divided by the
     batch size, median over batches, after one untimed warm-up forward per configuration. With the
-    shared vision side, the time the vision work took when it was computed is added to the prefill of
-    every configuration that reused it, so the latency keeps its meaning (vision included).
+    shared vision side and LLM prefix, the time the shared work took when it was computed is added to the
+    prefill of every configuration that reused it, so the latency keeps its meaning (vision included).
     """
 
     def __init__(self, model, processor, examples, *, batch_size: int = 100, max_new_tokens: int = 1,
                  prompt: str | None = None, progress: bool = True, cache_bytes: int = 2 << 30,
-                 vision_cache=True):
+                 vision_cache=True, prefix_cache=True, shard: Shard | None = None):
         if not examples:
             raise ValueError("no examples to evaluate")
         if batch_size < 1:
@@ -245,6 +258,16 @@ class Evaluator:
         elif not isinstance(vision_cache, VisionCache):
             raise ConfigError(f"vision_cache must be True, False or a VisionCache, got {type(vision_cache).__name__}")
         self.vision_cache = vision_cache
+        if prefix_cache is True:
+            prefix_cache = PrefixCache(max_bytes=self.cache_bytes)
+        elif prefix_cache is False or prefix_cache is None:
+            prefix_cache = None
+        elif not isinstance(prefix_cache, PrefixCache):
+            raise ConfigError(f"prefix_cache must be True, False or a PrefixCache, got {type(prefix_cache).__name__}")
+        self.prefix_cache = prefix_cache
+        if shard is not None and not isinstance(shard, Shard):
+            raise ConfigError(f"shard must be a tokenprune.evaluation.distributed.Shard, got {type(shard).__name__}")
+        self.shard = SINGLE if shard is None else shard
 
     # -- data -------------------------------------------------------------------------------------
     @property
@@ -269,7 +292,8 @@ class Evaluator:
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
 
     def prepare(self):
-        """Split into batches and run the processor; its output is cached when it fits in ``cache_bytes``."""
+        """Split into batches and run the processor on this rank's batches; its output is cached when it
+        fits in ``cache_bytes``. Returns every batch (other ranks' batches have no inputs)."""
         if self._batches is not None:
             return self._batches
         batches = []
@@ -277,15 +301,25 @@ class Evaluator:
             exs = self.examples[start:start + self.batch_size]
             ev = [None if ex.evidence is None else np.asarray(ex.evidence, dtype=np.int64) for ex in exs]
             batches.append(_Batch(exs, None, ev))
-        first = self._encode(batches[0].examples)
-        per_batch = sum(v.numel() * v.element_size() for v in first.values() if hasattr(v, "numel"))
-        batches[0].inputs = first
-        if per_batch * len(batches) <= self.cache_bytes:
-            for b in batches[1:]:
-                b.inputs = self._encode(b.examples)
+        mine = [b for i, b in enumerate(batches) if self.shard.owns(i)]
+        if mine:
+            first = self._encode(mine[0].examples)
+            per_batch = sum(v.numel() * v.element_size() for v in first.values() if hasattr(v, "numel"))
+            mine[0].inputs = first
+            if per_batch * len(mine) <= self.cache_bytes:
+                for b in mine[1:]:
+                    b.inputs = self._encode(b.examples)
+        if self.shard.owns(0):
+            self.n_image_tokens = num_image_tokens(batches[0].inputs if batches[0].inputs is not None
+                                                   else self._encode(batches[0].examples), self.model)
+        else:  # the first prompt's count, as one process reads it from the first batch
+            self.n_image_tokens = num_image_tokens(self._encode(batches[0].examples[:1]), self.model)
         self._batches = batches
-        self.n_image_tokens = num_image_tokens(first, self.model)
         return batches
+
+    def my_batches(self) -> list:
+        """``(index, batch)`` of the batches this rank evaluates."""
+        return [(i, b) for i, b in enumerate(self.prepare()) if self.shard.owns(i)]
 
     # -- running ----------------------------------------------------------------------------------
     def _sync(self):
@@ -301,18 +335,18 @@ class Evaluator:
     def _answer(self, inputs):
         """Decoded answers and the prefill wall time (s) of one batch.
 
-        Vision work reused from the vision cache during the prefill counts with the time it took
-        when it was computed, so the prefill time includes the vision side in every configuration.
+        Work reused from the vision and prefix caches during the prefill counts with the time it took
+        when it was computed, so the prefill time includes the vision side and every LLM layer in
+        every configuration.
         """
         tok = self.processor.tokenizer
-        saved0 = self.vision_cache.saved_ms if self.vision_cache is not None else 0.0
+        saved0 = self._saved_ms()
         self._sync()
         t0 = time.perf_counter()
         out = self._prefill(inputs)
         self._sync()
         dt = time.perf_counter() - t0
-        if self.vision_cache is not None:
-            dt += (self.vision_cache.saved_ms - saved0) / 1e3
+        dt += (self._saved_ms() - saved0) / 1e3
         if self.max_new_tokens == 1:
             ids = out.logits[:, -1].argmax(-1)[:, None]
         else:
@@ -320,6 +354,10 @@ class Evaluator:
                                       return_dict_in_generate=True, output_scores=True)
             ids = gen.sequences[:, gen.sequences.shape[1] - len(gen.scores):]
         return [s.strip() for s in tok.batch_decode(ids, skip_special_tokens=True)], dt
+
+    def _saved_ms(self) -> float:
+        """Compute time (ms) of the shared work handed out so far (vision side, LLM prefix layers)."""
+        return sum(c.saved_ms for c in (self.vision_cache, self.prefix_cache) if c is not None)
 
     @contextlib.contextmanager
     def _pruned(self, method):
@@ -329,11 +367,16 @@ class Evaluator:
             with self.vision_cache.attach(self.model) if self.vision_cache is not None else contextlib.nullcontext():
                 yield None
             return
-        with prune(self.model, method, seed=self._seed, vision_cache=self.vision_cache) as report:
+        with prune(self.model, method, seed=self._seed, vision_cache=self.vision_cache,
+                   prefix_cache=self.prefix_cache) as report:
             yield report
 
     def run(self, method=None, *, name: str = "none", budget=None, seed: int = 0) -> ConfigResult:
         """Evaluate one configuration.
+
+        With a :class:`~tokenprune.evaluation.distributed.Shard` of several ranks, every rank must call
+        it with the same arguments: each evaluates its batches, and the results of all batches are
+        gathered and merged in batch order (every rank returns the merged result).
 
         Parameters
         ----------
@@ -347,46 +390,62 @@ class Evaluator:
         """
         import torch
 
-        batches = self.prepare()
+        self.prepare()
+        mine = self.my_batches()
         t_start = time.perf_counter()
         torch.manual_seed(seed)
         self._seed = seed
-        scores, preds, fams, times = [], [], [], []
-        stage_rows, recall_pre, recall_first, sel_ms, equiv = [], [], [], [], []
-        first_label = None
+        per_batch = callable(method) and not isinstance(method, PruningMethod)
+        parts = []
         with torch.no_grad():
-            first = self.inputs_of(batches[0])
-            warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == first["input_ids"].shape[:1] else v)
-                    for k, v in first.items()}
-            per_batch = callable(method) and not isinstance(method, PruningMethod)
-            with self._pruned(method(batches[0].examples[:2]) if per_batch else method):
-                self._prefill(warm)
-            for b in batches:
+            if mine:
+                first = self.inputs_of(mine[0][1])
+                warm = {k: (v[:2] if hasattr(v, "shape") and v.shape[:1] == first["input_ids"].shape[:1] else v)
+                        for k, v in first.items()}
+                with self._pruned(method(mine[0][1].examples[:2]) if per_batch else method):
+                    self._prefill(warm)
+            for index, b in mine:
                 with self._pruned(method(b.examples) if per_batch else method) as report:
                     answers, dt = self._answer(self.inputs_of(b))
-                times.append(dt * 1000.0 / len(b.examples))
-                for ex, a in zip(b.examples, answers):
-                    preds.append(a)
-                    scores.append(vqa_accuracy(a, ex.answers))
-                    fams.append(ex.family)
                 info = summarize_report(report, len(b.examples), self.n_image_tokens, self.grid)
-                stage_rows.append(info["stages"])
-                equiv.append(info["equivalent_tokens"])
-                if info["selection_ms"] is not None:
-                    sel_ms.append(info["selection_ms"] / len(b.examples))
-                pre, first = info["kept_pre_llm"], info["kept_first"]
-                first_label = info["first_label"]
-                recall_pre.extend(_recall(b.evidence, pre))
-                recall_first.extend(_recall(b.evidence, first))
+                parts.append({
+                    "index": index, "n": len(b.examples), "ms_per_question": dt * 1000.0 / len(b.examples),
+                    "predictions": answers,
+                    "scores": [vqa_accuracy(a, ex.answers) for a, ex in zip(answers, b.examples)],
+                    "families": [ex.family for ex in b.examples], "stages": info["stages"],
+                    "equivalent_tokens": info["equivalent_tokens"],
+                    "selection_ms": None if info["selection_ms"] is None else info["selection_ms"] / len(b.examples),
+                    "recall_pre": _recall(b.evidence, info["kept_pre_llm"]),
+                    "recall_first": _recall(b.evidence, info["kept_first"]), "first_label": info["first_label"]})
                 if self._bar is not None:
                     self._bar.update(1)
+        wall = time.perf_counter() - t_start
+        gathered = self.shard.gather({"parts": parts, "wall_s": wall})
+        parts = sorted((p for g in gathered for p in g["parts"]), key=lambda p: p["index"])
+        return self._merge(parts, method, name, budget, max(g["wall_s"] for g in gathered))
+
+    def _merge(self, parts, method, name, budget, wall_s) -> ConfigResult:
+        """One :class:`ConfigResult` from the per-batch results, in batch order."""
+        scores, preds, fams, times, recall_pre, recall_first, sel_ms = [], [], [], [], [], [], []
+        first_label = None
+        for p in parts:
+            preds.extend(p["predictions"])
+            scores.extend(p["scores"])
+            fams.extend(p["families"])
+            times.append(p["ms_per_question"])
+            recall_pre.extend(p["recall_pre"])
+            recall_first.extend(p["recall_first"])
+            if p["selection_ms"] is not None:
+                sel_ms.append(p["selection_ms"])
+            first_label = p["first_label"]
+        weights = [p["n"] for p in parts]
         stages = []
-        if stage_rows and stage_rows[0]:
-            for i, (label, layer, _) in enumerate(stage_rows[0]):
-                stages.append(StageStats(label, layer, float(np.average([r[i][2] for r in stage_rows],
-                                                                        weights=[len(b.examples) for b in batches]))))
-        eq = None if any(e is None for e in equiv) else float(
-            np.average(equiv, weights=[len(b.examples) for b in batches]))
+        if parts and parts[0]["stages"]:
+            for i, (label, layer, _) in enumerate(parts[0]["stages"]):
+                stages.append(StageStats(label, layer, float(np.average([p["stages"][i][2] for p in parts],
+                                                                        weights=weights))))
+        equiv = [p["equivalent_tokens"] for p in parts]
+        eq = None if any(e is None for e in equiv) else float(np.average(equiv, weights=weights))
         return ConfigResult(
             method=name, budget=budget, n_image_tokens=self.n_image_tokens, scores=np.asarray(scores),
             predictions=preds, families=fams, prefill_ms=times, stages=stages,
@@ -395,7 +454,7 @@ class Evaluator:
             recall_first_stage=np.asarray(recall_first, dtype=np.float64),
             first_stage_label=first_label,
             selection_ms=float(np.median(sel_ms)) if sel_ms else None,
-            wall_s=time.perf_counter() - t_start,
+            wall_s=wall_s,
         )
 
     def run_all(self, methods, budgets, *, seed: int = 0, baseline: bool = True, references=None) -> list:
@@ -421,13 +480,14 @@ class Evaluator:
         """
         from tqdm.auto import tqdm
 
-        batches = self.prepare()
+        self.prepare()
+        n_mine = len(self.my_batches())
         configs = ([(None, "none", None)] if baseline else []) + [
             (name, name, b) for name in methods for b in budgets] + [
             (make, label, b) for label, make in (references or {}).items() for b in budgets]
         results = []
-        with tqdm(total=len(configs) * len(batches), desc="tokenprune eval", unit="batch",
-                  disable=not self.progress, dynamic_ncols=True) as bar:
+        with tqdm(total=len(configs) * n_mine, desc="tokenprune eval", unit="batch",
+                  disable=not self.progress or not self.shard.is_main, dynamic_ncols=True) as bar:
             self._bar = bar
             try:
                 for name, label, b in configs:

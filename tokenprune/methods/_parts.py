@@ -41,7 +41,7 @@ def sel(name: str, **params) -> Selector:
 
 
 def one_stage(objective, selector, budget, *, relevance=None, layer=None, reference_depth=None,
-              raters="last_token", positions="preserve") -> PruningMethod:
+              raters="last_token", positions="preserve", compute_dtype="float32") -> PruningMethod:
     """A single-stage :class:`PruningMethod` (its nominal budget is the stage's budget).
 
     Parameters are those of :class:`~tokenprune.methods.compose.Stage`.
@@ -53,4 +53,4 @@ def one_stage(objective, selector, budget, *, relevance=None, layer=None, refere
     """
     return PruningMethod(stages=(Stage(objective=objective, selector=selector, budget=budget, layer=layer,
                                        reference_depth=reference_depth, relevance=relevance, raters=raters,
-                                       positions=positions),))
+                                       positions=positions, compute_dtype=compute_dtype),))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..budget import Budget, as_budget
-from ..context import make_context
+from ..context import COMPUTE_DTYPES, make_context
 from ..criteria.base import Criterion, Tags, as_criterion
 from ..errors import (ConfigError, IncompatibleComponentsError, ParameterError, ShapeError, StageError,
                       StageIndexError)
@@ -20,7 +20,17 @@ from ..selectors.base import Selector, as_selector
 POSITIONS = ("preserve", "compact")
 RATERS = ("last_token", "all_text_mean", "dynamic")
 #: Where a stage's relevance scores come from when a method is applied to a model.
-RELEVANCE_SOURCES = (None, "cls_attention", "text_attention", "text_similarity", "key_norm")
+RELEVANCE_SOURCES = (None, "cls_attention", "text_attention", "text_similarity", "key_norm", "own_layer_attention")
+#: What an in-LLM stage's features are: the hidden states entering its layer, or those passed through
+#: the LLM's final norm (DART compares tokens after the model's last RMSNorm, with its learned weight).
+FEATURE_NORMS = (None, "final_norm")
+#: Which prompt tokens an in-LLM stage's text signals cover: every text token, or only those after the
+#: last visual token (DART's "query" tokens).
+TEXT_TOKENS = ("all", "after_image")
+#: Where a stage before the LLM acts: on the projected features (the LLM's visual tokens), or on the
+#: vision tower's feature-layer states before the projector (VisionZip), the projector then running on
+#: the kept and merged tokens.
+SITES = ("projected", "vision")
 
 
 def _is_int(x) -> bool:
@@ -54,17 +64,45 @@ class Stage:
     relevance : str or None
         Source of the relevance signal when applied to a model: ``"cls_attention"`` (vision [CLS] to
         patch), ``"text_attention"`` (text raters to image tokens at layer ``k - 1``),
-        ``"text_similarity"`` (cosine of image features and instruction embeddings), ``"key_norm"``
-        (L1 norm of keys, DART), or ``None``.
+        ``"text_similarity"`` (the instruction relevance: with :func:`tokenprune.prune`'s
+        ``text_encoder``, the vision-language encoder's similarity of each patch to the instruction,
+        as CDPruner; without it, cosine of the features and the prompt's text embeddings), ``"key_norm"``
+        (L1 norm of keys at layer ``k - 1``, DART), ``"own_layer_attention"`` (in-LLM stages: the
+        raters' attention to the image tokens as layer ``k`` itself computes it from the hidden states
+        entering it, with its own input norm, query/key projections and rotary embedding,
+        PyramidDrop), or ``None``.
     raters : {"last_token", "all_text_mean", "dynamic"}
         Which text tokens rate the image tokens for ``relevance="text_attention"``.
     positions : {"preserve", "compact"}
         Kept tokens keep their original position ids (``"preserve"``) or are re-indexed (``"compact"``).
+    feature_norm : {None, "final_norm"}
+        In-LLM stages only: ``"final_norm"`` passes the hidden states (visual and text) through the LLM's
+        final norm, learned weight included, before the selection sees them (DART). Default ``None``.
+    text_tokens : {"all", "after_image"}
+        In-LLM stages only: which prompt tokens the text signals (``text_embeddings``,
+        ``text_relevance``) cover: every text token (default) or those after the last visual token.
+    site : {"projected", "vision"}
+        Stages before the LLM only: ``"projected"`` (default) selects among the projected features,
+        the visual tokens as the LLM would see them; ``"vision"`` selects among the vision tower's
+        feature-layer hidden states of each crop ([CLS] included) before the projector, which then runs
+        on the kept (or merged) states, in the selector's ``llm_sequence`` order, with consecutive
+        positions (VisionZip). Families whose projector does not act token by token run a
+        ``"vision"`` stage as ``"projected"`` (the report notes it).
+    compute_dtype : {"float32", "model"}
+        Arithmetic of the feature similarities the selection reads (see
+        :class:`~tokenprune.TokenContext`): ``"float32"`` (default) upcasts the features first;
+        ``"model"`` normalises and multiplies them in their own dtype (fp16, bf16), as reference code
+        running in the model's dtype does (DivPrune's released scripts run in fp16). float32 is the
+        default because fp16 rounds cosine similarities to about 5e-4 near 1, so near-duplicate
+        patches tie and the picks then depend on the tie order of the kernels, i.e. on the device and
+        the library version; float32 picks are reproducible across them.
 
     Raises
     ------
     BudgetError, StageError
-        Invalid budget, layer, relevance source, raters or positions.
+        Invalid budget, layer, relevance source, raters, positions, feature_norm, text_tokens, site or
+        compute_dtype (or feature_norm and text_tokens on a stage before the LLM, a site other than
+        "projected" inside it, ``own_layer_attention`` before the LLM).
     """
 
     objective: Criterion | None = None
@@ -75,6 +113,10 @@ class Stage:
     relevance: str | None = None
     raters: str = "last_token"
     positions: str = "preserve"
+    feature_norm: str | None = None
+    text_tokens: str = "all"
+    site: str = "projected"
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "budget", as_budget(self.budget))
@@ -93,6 +135,22 @@ class Stage:
             raise StageError(f"raters must be one of {RATERS}, got {self.raters!r}")
         if self.positions not in POSITIONS:
             raise StageError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise StageError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
+        if self.text_tokens not in TEXT_TOKENS:
+            raise StageError(f"text_tokens must be one of {TEXT_TOKENS}, got {self.text_tokens!r}")
+        if self.layer is None and (self.feature_norm is not None or self.text_tokens != "all"):
+            raise StageError("feature_norm and text_tokens apply to stages inside the LLM (layer >= 1)")
+        if self.site not in SITES:
+            raise StageError(f"site must be one of {SITES}, got {self.site!r}")
+        if self.site != "projected" and self.layer is not None:
+            raise StageError(f"site={self.site!r} applies to a stage before the LLM (layer=None), got layer "
+                             f"{self.layer}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise StageError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if self.relevance == "own_layer_attention" and self.layer is None:
+            raise StageError("relevance='own_layer_attention' is the attention of the stage's own decoder layer; "
+                             "put the stage inside the LLM (layer >= 1)")
 
     @property
     def before_llm(self) -> bool:
@@ -118,6 +176,10 @@ class Stage:
             "relevance": self.relevance,
             "raters": self.raters,
             "positions": self.positions,
+            "feature_norm": self.feature_norm,
+            "text_tokens": self.text_tokens,
+            "site": self.site,
+            "compute_dtype": self.compute_dtype,
         }
 
     @classmethod
@@ -205,7 +267,7 @@ class PruningMethod:
         """Run one stage's selection on plain tensors (see :func:`tokenprune.select`).
 
         ``budget=None`` (default here) uses the stage's own budget; any other value replaces it for
-        this call.
+        this call. ``compute_dtype`` among the signals replaces the stage's for this call.
 
         Raises
         ------
@@ -231,6 +293,7 @@ class PruningMethod:
             if any(d <= 0 for d in dims):
                 raise ShapeError(f"grid must be a (rows, cols) pair of positive ints, got {grid!r}")
         st = self.stages[stage]
+        signals.setdefault("compute_dtype", st.compute_dtype)
         ctx = make_context(features, mask=mask, relevance=relevance, **signals)
         return st.selector.select(st.objective, ctx, st.budget if budget is None else budget)
 
@@ -364,7 +427,7 @@ def _jsonable(v):
 
 def compose(objective=None, *, selector, budget, layer: int | None = None, reference_depth: int | None = None,
             relevance: str | None = None, raters: str = "last_token", positions: str = "preserve",
-            name: str | None = None) -> PruningMethod:
+            name: str | None = None, compute_dtype: str = "float32", site: str = "projected") -> PruningMethod:
     """Compose a single-stage pruning method.
 
     Parameters
@@ -377,6 +440,11 @@ def compose(objective=None, *, selector, budget, layer: int | None = None, refer
         Tokens kept, or fraction kept in (0, 1].
     layer, reference_depth, relevance, raters, positions
         Where the stage acts and where its relevance comes from; see :class:`Stage`.
+    compute_dtype : {"float32", "model"}
+        Arithmetic of the similarities (see :class:`Stage`).
+    site : {"projected", "vision"}
+        A stage before the LLM acts on the projected features or on the vision tower's states before
+        the projector (see :class:`Stage`).
 
     Returns
     -------
@@ -395,5 +463,6 @@ def compose(objective=None, *, selector, budget, layer: int | None = None, refer
     torch.Size([1, 4])
     """
     stage = Stage(objective=objective, selector=selector, budget=budget, layer=layer,
-                  reference_depth=reference_depth, relevance=relevance, raters=raters, positions=positions)
+                  reference_depth=reference_depth, relevance=relevance, raters=raters, positions=positions,
+                  compute_dtype=compute_dtype, site=site)
     return PruningMethod(stages=(stage,), name=name)

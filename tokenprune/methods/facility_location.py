@@ -37,7 +37,12 @@ def facility_location(budget=64) -> PruningMethod:
     -----
     No signal. Monotone submodular, so greedy is a ``(1 - 1/e)`` approximation; ``O(K N²)``. Not
     a paper's method: negative similarities count as 0 (the clamp keeps ``f`` monotone), and the
-    selector is lazy greedy (the same picks as plain greedy).
+    selector is lazy greedy (the same picks as plain greedy). No official code: checked against
+    plain greedy on this ``f`` with similarities on :class:`~tokenprune.criteria.Coverage`'s
+    ``2^-15`` fixed-point grid, exact integer sums (``tests/test_fidelity.py``). Late greedy gains
+    are nearly tied, so exact float32 (or float64) arithmetic picks other tokens in most cases at
+    N = 576 (15 of 60 kept sets identical to a float32 greedy; float32 and float64 greedies agree
+    in 16 of 60); the grid makes the picks exact and the same on every path and device.
 
     References
     ----------

@@ -38,6 +38,14 @@ def fastervlm(budget=64) -> PruningMethod:
     features the projector reads, LLaVA's penultimate one) and the head reduction (mean; a sum
     ranks the same).
 
+    Checked against Theia-4869/FasterVLM@f5d5f120 (``encode_images`` in ``llava/model/llava_arch.py``,
+    ``feature_select`` in ``clip_encoder.py``): the [CLS] row to the patches at the feature layer
+    (``select_layer = -2``), mean over heads, top-k; given the same attention the kept sets are
+    identical at N = 576 (``tests/test_fidelity.py``). Remaining differences: ties go to the lower
+    index (official: ``torch.topk``'s order) and the official code computes in fp16; on LLaVA-NeXT
+    the official code keeps the same count in every crop (top-k per crop) where this stage ranks the
+    whole sample's tokens together. See ``docs/fidelity.rst``.
+
     References
     ----------
     Zhang et al., "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM

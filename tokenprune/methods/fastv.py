@@ -50,6 +50,14 @@ def fastv(budget=64, layer=2, raters="last_token", positions="preserve") -> Prun
     layer K"; the reference code prunes the input of layer ``K`` with the attention weights of
     layer ``K - 1`` (the last computed), which is what ``layer=K`` means here. Heads are averaged.
 
+    Checked against pkunlp-icler/FastV@d1659729 (``fastv_forward`` in the repository's patched
+    ``modeling_llama.py`` and ``src/FastV/lmms-eval/fastv_kvcache.py``): given the same attention row, the kept
+    sets are identical at N = 576 (``tests/test_fidelity.py``). Remaining differences: the default
+    budget (64 tokens for comparisons at equal counts; the official code takes a count or a ratio
+    ``R``, the paper's default being 50%); the official code ranks the first sample of a batch only
+    and leaves ties to ``torch.topk`` (here: the lower index); it computes eager attention in the
+    model's fp16, where near-equal scores can swap (ties only). See ``docs/fidelity.rst``.
+
     References
     ----------
     Chen et al., "An Image is Worth 1/2 Tokens After Layer 2" (FastV, ECCV 2024), arXiv:2403.06764.
@@ -91,7 +99,9 @@ def reverse_fastv(budget=64, layer=2, raters="last_token", positions="preserve")
     -----
     Signal: ``text_attention`` at layer ``K - 1``. What the paper leaves open: the seed paper's exact
     definitions were not retrievable; we use the usual reading (the FastV rule with the order
-    reversed).
+    reversed). No released code was found (neither with the seed paper nor in FastV's repository),
+    so it is checked against this rule: bottom-k of the same attention row as FastV, ties to the lower
+    index, at N = 576 (``tests/test_fidelity.py``).
 
     References
     ----------
@@ -140,7 +150,9 @@ def window_fastv(budget=64, layer=2, windows=4, raters="last_token", positions="
     Signals: ``text_attention`` at layer ``K - 1`` and the patch ``grid`` (or, with several crops or
     tiles per sample, the adapters' token coordinates: windows per crop). What the paper leaves
     open: the seed paper's definitions were not retrievable; we use the usual reading (top-k inside
-    local spatial windows, the budget spread evenly over them) and choose 4 x 4 windows.
+    local spatial windows, the budget spread evenly over them) and choose 4 x 4 windows. No released
+    code was found, so it is checked against this rule (windows, largest-remainder shares, top-k in
+    each) at N = 576 (``tests/test_fidelity.py``).
 
     References
     ----------

@@ -48,7 +48,8 @@ def _scaled_budgets(budget: Budget, multiples) -> list:
 
 @registry.methods.register("tops")
 def tops(budget=None, coverage_weight=0.5, diversity_weight=0.5, normalize="minmax", stage1_weights=(0.5, 0.5),
-         raters="last_token", positions="compact", schedule="llava", reference_depth=None) -> PruningMethod:
+         raters="last_token", positions="compact", schedule="llava", reference_depth=None, clamp_m=False,
+         compute_dtype="float32") -> PruningMethod:
     """TOPS: keep the visual tokens that preserve the most information about the image and the query.
 
     Each pruning point greedily maximises relevance plus coverage plus diversity
@@ -91,6 +92,14 @@ def tops(budget=None, coverage_weight=0.5, diversity_weight=0.5, normalize="minm
         list of ``(layer, budget)`` pairs (``None`` for before the LLM).
     reference_depth : int, optional
         Only with an explicit schedule: the depth its layers are written for (default: absolute layers).
+    clamp_m : bool
+        ``False`` (default, the paper's ``m_j(S) = max_{k∈S} sim(h_j, h_k)``) or ``True``
+        (``max(0, ·)``, facility location's baseline; see :class:`~tokenprune.criteria.TOPSObjective`).
+        They differ only where a token's similarities to the kept set are all negative, which happens
+        on hidden states inside the LLM.
+    compute_dtype : {"float32", "model"}
+        Arithmetic of the similarities (see :class:`~tokenprune.methods.compose.Stage`; default
+        ``"float32"``).
 
     Returns
     -------
@@ -165,9 +174,10 @@ def tops(budget=None, coverage_weight=0.5, diversity_weight=0.5, normalize="minm
     stages = []
     for layer, b in zip(layers, budgets):
         cw, dw = w1 if layer is None else (coverage_weight, diversity_weight)
-        objective = crit("tops_objective", coverage_weight=cw, diversity_weight=dw, normalize=normalize)
+        objective = crit("tops_objective", coverage_weight=cw, diversity_weight=dw, normalize=normalize,
+                         clamp_m=clamp_m)
         stages.append(Stage(objective=objective, selector=sel("greedy"), budget=b, layer=layer,
                             reference_depth=None if layer is None else depth,
                             relevance="cls_attention" if layer is None else "text_attention",
-                            raters=raters, positions=positions))
+                            raters=raters, positions=positions, compute_dtype=compute_dtype))
     return PruningMethod(stages=tuple(stages), nominal_budget=nominal if isinstance(schedule, str) else None)

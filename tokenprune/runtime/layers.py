@@ -83,9 +83,15 @@ class LayerSurgery(StagePart):
         """Run the stage at ``layer_idx`` and return the hidden states of the kept tokens."""
         index, stage = self.plan.llm_stages[layer_idx]
         vis = state.visual
-        feats = gather(hs, vis.pos, 1, 0.0)  # [B, V, D]
-        relevance, text_emb, text_mask = self.signals.in_llm(index, stage, state, layer_idx, hs, feats)
-        keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, layer_idx)
+        with torch.no_grad():
+            space = self.adapter.final_norm(hs) if stage.feature_norm == "final_norm" else hs
+        feats = gather(space, vis.pos, 1, 0.0)  # [B, V, D]
+        relevance, text_emb, text_mask, text_rel = self.signals.in_llm(index, stage, state, layer_idx, space, feats)
+        positions = None
+        if "positions" in stage.selector.signals:  # positions in the unpadded (current) sequence
+            positions = gather(positions_from_mask(state.cur_valid), vis.pos, 1, 0)
+        keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, layer_idx,
+                                     text_relevance=text_rel, positions=positions)
         # kept positions in the current sequence
         B, L = state.batch_size, state.cur_len
         keep_tok = torch.ones(B, L + 1, dtype=torch.bool, device=hs.device)

@@ -12,7 +12,7 @@ import numbers
 import warnings
 from dataclasses import dataclass, field
 
-from ..errors import ParameterError, StageError
+from ..errors import ConfigError, ParameterError, StageError, UnsupportedModelError
 from ..methods.build import accepted_parameters, resolve_method
 from ..methods.compose import PruningMethod, Stage
 
@@ -80,15 +80,29 @@ class Plan:
     relevance : dict
         stage index -> the relevance source the stage really uses: on a tower without [CLS],
         ``cls_attention`` becomes ``mean_attention`` or ``text_similarity`` (see ``cls_fallback``);
-        the stage reports say which.
+        with a ``text_encoder``, a before-LLM ``text_similarity`` stage reads ``text_encoder``; the
+        stage reports say which.
     mean_attention : bool
         Some stage reads the mean attention each patch receives (tower without [CLS]).
+    own_attention_layers : dict
+        decoder layer -> the stage at that layer whose relevance is ``own_layer_attention``: the layer's
+        pre-hook computes the attention the layer would compute, before the stage prunes.
     capture_layers : dict
         decoder layer -> the stage whose LLM-attention signal is captured there (layer ``k - 1``).
     need_cls : bool
         Some stage reads the vision tower's attention ([CLS] row or mean per patch).
     compact_note, fallback_note : str or None
         What the report notes when positions or relevance differ from the request.
+    vision_site : bool
+        The before-LLM stage acts on the vision tower's feature-layer states before the projector
+        (``Stage(site="vision")`` on a family that supports it); the tower's keys are captured too.
+    site_note : str or None
+        Why a ``site="vision"`` stage runs on the projected features instead (the report notes it).
+    text_encoder : TextEncoder or None
+        The vision-language encoder that gives before-LLM ``text_similarity`` stages their relevance
+        (their ``relevance`` entry is then ``"text_encoder"``).
+    relevance_notes : list of str
+        Per stage that reads the instruction relevance, which source it uses (the report notes them).
     """
 
     method: PruningMethod
@@ -101,13 +115,19 @@ class Plan:
     relevance: dict = field(default_factory=dict)
     mean_attention: bool = False
     capture_layers: dict = field(default_factory=dict)
+    own_attention_layers: dict = field(default_factory=dict)
     need_cls: bool = False
     compact_note: str | None = None
     fallback_note: str | None = None
+    vision_site: bool = False
+    site_note: str | None = None
+    text_encoder: object = None
+    relevance_notes: list = field(default_factory=list)
 
     @classmethod
     def build(cls, method: PruningMethod, adapter, *, newlines: str = "keep", cls_fallback: str | None = None,
-              dynamic_threshold: float = 0.5, seed: int = 0, model_name: str = "the model") -> "Plan":
+              dynamic_threshold: float = 0.5, seed: int = 0, model_name: str = "the model",
+              text_encoder=None) -> "Plan":
         """Check ``method`` against ``adapter``'s model and plan its stages.
 
         Raises
@@ -120,7 +140,10 @@ class Plan:
             scaling, an int budget above what the previous stage keeps, an LLM-attention relevance
             before the LLM.
         UnsupportedModelError
-            A [CLS]-attention stage on a tower without [CLS] and without a usable ``cls_fallback``.
+            A [CLS]-attention stage on a tower without [CLS] and without a usable ``cls_fallback``, or a
+            ``text_encoder`` on a family whose features are not one vision-tower layer's states.
+        ConfigError
+            A ``text_encoder`` that no stage before the LLM reads.
         """
         if newlines not in NEWLINE_POLICIES:
             raise StageError(f"newlines must be one of {NEWLINE_POLICIES}, got {newlines!r}")
@@ -136,9 +159,11 @@ class Plan:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ParameterError(f"seed must be an int, got {seed!r}")
         plan = cls(method=method, newlines=newlines, cls_fallback=cls_fallback,
-                   dynamic_threshold=float(dynamic_threshold), seed=int(seed))
+                   dynamic_threshold=float(dynamic_threshold), seed=int(seed), text_encoder=text_encoder)
         plan._place_stages(adapter, model_name)
         plan._choose_signals(adapter)
+        plan._choose_text_relevance(adapter)
+        plan._place_vision_site(adapter)
         return plan
 
     def _place_stages(self, adapter, model_name: str) -> None:
@@ -214,7 +239,76 @@ class Plan:
             warnings.warn(self.compact_note, UserWarning, stacklevel=4)
         self.capture_layers = {k - 1: st for k, (_, st) in self.llm_stages.items()
                                if st.relevance in LLM_ATTENTION_SOURCES}
+        self.own_attention_layers = {k: st for k, (_, st) in self.llm_stages.items()
+                                     if st.relevance == "own_layer_attention"}
         self.need_cls = any(r in VISION_ATTENTION_SOURCES for r in self.relevance.values())
+
+    def _place_vision_site(self, adapter) -> None:
+        """Whether the before-LLM stage with ``site="vision"`` acts before this model's projector.
+
+        It does where the adapter supports it and the stage's relevance is read on the vision tower
+        (or there is none); otherwise it runs on the projected features, with a report note and a
+        :class:`UserWarning` once per model type.
+
+        Raises
+        ------
+        StageError
+            In-LLM stages after a stage that acts before the projector (not supported yet).
+        """
+        if self.pre_stage is None or getattr(self.pre_stage[1], "site", "projected") != "vision":
+            return
+        index = self.pre_stage[0]
+        why = adapter.vision_site_unsupported()
+        if why is None and self.relevance[index] not in VISION_ATTENTION_SOURCES + (None,):
+            why = f"its relevance here is {self.relevance[index]!r}, which the vision tower does not give"
+        if why is None:
+            if self.llm_stages:
+                raise StageError(f"stage {index} acts before the projector (site='vision'); in-LLM stages after "
+                                 "it are not supported yet")
+            self.vision_site = True
+            return
+        model_type = adapter.config.model_type
+        self.site_note = (f"{model_type}: stage {index} (site='vision') ran on the projected features, as "
+                          f"site='projected': {why}")
+        if (model_type, "site") not in _WARNED:
+            _WARNED.add((model_type, "site"))
+            warnings.warn(f"tokenprune: {self.site_note}", UserWarning, stacklevel=4)
+
+    def _choose_text_relevance(self, adapter) -> None:
+        """Where the before-LLM stages reading ``text_similarity`` get it: the text encoder, or the fallback.
+
+        With a text encoder their ``relevance`` entry becomes ``"text_encoder"`` (the paper's instruction
+        relevance, CDPruner); without one they keep the fallback (the cosine similarity of the projected
+        features to the LLM's input embeddings of the prompt text) and the report notes which.
+        """
+        uses = [i for i, st in enumerate(self.method.stages)  # requested, not a [CLS] fallback
+                if st.before_llm and st.relevance == "text_similarity" and self.relevance[i] == "text_similarity"]
+        enc = self.text_encoder
+        if enc is None:
+            for i in uses:
+                self.relevance_notes.append(
+                    f"stage {i}: relevance 'text_similarity' is the fallback: the cosine similarity of the projected "
+                    "features to the LLM's input embeddings of the prompt's text (CDPruner's paper uses the vision "
+                    "encoder's text tower: pass text_encoder=tokenprune.TextEncoder(...))")
+            return
+        if not uses:
+            raise ConfigError("a text_encoder was given but no stage before the LLM reads the instruction relevance "
+                              "(relevance='text_similarity', e.g. 'cdpruner'); drop text_encoder or use such a method")
+        layer = getattr(adapter.config, "vision_feature_layer", None)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise UnsupportedModelError(f"text_encoder needs the vision tower's states at one feature layer "
+                                        f"(vision_feature_layer, LLaVA-style families); {adapter.config.model_type} "
+                                        f"has {layer!r}")
+        for i in uses:
+            self.relevance[i] = "text_encoder"
+            self.relevance_notes.append(f"stage {i}: relevance 'text_encoder': {enc.description}")
+
+    @property
+    def shares_llm_prefix(self) -> bool:
+        """Whether decoder layers ``0 .. first_llm_layer - 1`` see the model's own prompt, unchanged by
+        any stage (no stage before the LLM or the projector): a :class:`~tokenprune.PrefixCache` can
+        then share them across contexts."""
+        return bool(self.llm_stages) and self.pre_stage is None and not self.vision_site
 
     @property
     def first_llm_layer(self) -> int | None:
@@ -225,11 +319,11 @@ class Plan:
     def reads_the_text(self) -> bool:
         """Whether a selection can change when the prompt's text grows: an in-LLM stage (hidden
         states and attention of the whole sequence), or text similarity or text embeddings."""
-        return bool(self.llm_stages) or any(self.needs_text_embeddings(i, st)
+        return bool(self.llm_stages) or any(self.needs_text_embeddings(i, st) or self.relevance[i] == "text_encoder"
                                             for i, st in enumerate(self.method.stages))
 
     def needs_text_embeddings(self, index: int, stage: Stage) -> bool:
         """Whether stage ``index`` needs the prompt's text embeddings (relevance or its objective)."""
-        if self.relevance[index] == "text_similarity":
+        if self.relevance[index] == "text_similarity" or "text_embeddings" in stage.selector.signals:
             return True
         return stage.objective is not None and "text_embeddings" in stage.objective.tags.requires

@@ -8,11 +8,17 @@ rows and rewrites the call: fewer placeholder tokens in ``input_ids``, ``attenti
 and the adapter's per-token tensors, gathered (or compacted) position ids, and the kept (or merged)
 features in ``mm_encoder_outputs``, in the model's own pooler container. The model code then runs
 unchanged on the shorter prompt.
+
+A stage before the projector (``Stage(site="vision")``, VisionZip) selects on the vision tower's
+feature-layer states instead (:mod:`~tokenprune.runtime.vision_stage`); the rewrite is the same, with
+the projected kept tokens as the new features of the first placeholders of each image and consecutive
+positions.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import torch
 
@@ -20,6 +26,7 @@ from ..adapters.base import TokenLayout
 from ..errors import ShapeError, StageError
 from .stage_select import StagePart
 from .state import PromptState, VisualTokens, as_list, gather, max_rows, positions_from_mask, true_positions
+from .vision_stage import VisionSiteSelection
 
 
 class PrefillRewriter(StagePart):
@@ -28,6 +35,7 @@ class PrefillRewriter(StagePart):
     def __init__(self, plan, adapter, signals, select, report):
         super().__init__(plan, adapter, signals, select, report)
         self._last_ids = None  # input_ids of the last prefill, to recognise generate's cache-less steps
+        self._vision = VisionSiteSelection(plan, adapter, signals, select, report)
 
     def __call__(self, kw: dict):
         """The rewritten keyword arguments and the prompt's state, or ``None`` to leave the call alone.
@@ -92,7 +100,9 @@ class PrefillRewriter(StagePart):
         state.visual = self._initial_visual(img, layout, counts)
         self.report.visual_tokens = as_list(counts)
         state.counts_after_pre = state.visual.counts()
-        if self.plan.pre_stage is not None:
+        if self.plan.pre_stage is not None and self.plan.vision_site:
+            new = self._apply_vision_stage(state, kw, new, ids, img, flat, out, rec, layout)
+        elif self.plan.pre_stage is not None:
             new = self._apply_pre_stage(state, kw, new, ids, img, flat, out, rec)
         pos = new.get("position_ids")
         if state.next_pos is None:
@@ -107,6 +117,8 @@ class PrefillRewriter(StagePart):
         self.report.pruned_calls += 1
         if self.plan.fallback_note:
             self.report.note(self.plan.fallback_note)
+        if self.plan.site_note:
+            self.report.note(self.plan.site_note)
         return new, state
 
     def _check_cache(self, kw: dict, ids) -> None:
@@ -192,22 +204,54 @@ class PrefillRewriter(StagePart):
         return VisualTokens(pos=pos.clamp_min(0), valid=valid, orig=orig, protected=protected, dropped=dropped,
                             coords=coords, cls=cls)
 
-    def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec):
-        """Select before the LLM and shorten the call: ids, masks, per-token tensors, positions, features."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        ad = self.adapter
-        index, stage = self.plan.pre_stage
-        vis = state.visual
-        B, L = ids.shape
-        dev = ids.device
+    @staticmethod
+    def _flat_index(vis) -> torch.Tensor:
+        """long ``[B, V]``: each visual token's row in the flattened image features (``-1`` at padding)."""
         V = vis.pos.shape[1]
         counts = vis.valid.sum(1)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        flat_idx = torch.where(vis.valid, offsets[:, None] + torch.arange(V, device=dev)[None], -1)
-        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), flat_idx, 1, 0.0)  # [B, V, D]
-        relevance, text_emb, text_mask = self.signals.before_llm(index, stage, state, ids, img, feats, kw)
+        return torch.where(vis.valid, offsets[:, None] + torch.arange(V, device=vis.pos.device)[None], -1)
+
+    def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec):
+        """Select before the LLM and shorten the call: ids, masks, per-token tensors, positions, features."""
+        index, stage = self.plan.pre_stage
+        vis = state.visual
+        B = ids.shape[0]
+        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), self._flat_index(vis), 1, 0.0)  # [B, V, D]
+        # per-crop scores over the vision tower's tokens -> the visual tokens, as the [CLS] attention (text_encoder)
+        to_tokens = lambda s: self._layout(out.pooler_output, replace(rec, cls_attention=s), img.sum(1)).cls  # noqa: E731
+        relevance, text_emb, text_mask = self.signals.before_llm(index, stage, state, ids, img, feats, kw,
+                                                                 vision=(out, rec, to_tokens))
         keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, None)
+        return self._rewrite(state, kw, new, ids, img, feats, out, rec, keep_vis, repl, stage.positions)
+
+    def _apply_vision_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec, layout):
+        """A stage before the projector (``site="vision"``): select, merge and project per crop, then
+        keep as many image placeholders per image as tokens it gave, at consecutive positions."""
+        vis = state.visual
+        B = ids.shape[0]
+        flat_idx = self._flat_index(vis)
+        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), flat_idx, 1, 0.0)  # [B, V, D]
+        keep_vis, repl, coords, orig = self._vision(state, layout, flat_idx, rec)
+        if repl is not None:
+            repl = (repl[0].to(feats.device), repl[1].to(feats.device))
+        new = self._rewrite(state, kw, new, ids, img, feats, out, rec, keep_vis, repl, "compact")
+        # the tokens now at the kept placeholders: their own coordinates, no [CLS] scores downstream
+        idx = true_positions(keep_vis)
+        state.visual.coords = gather(coords, idx, 1, -1)
+        state.visual.orig = gather(orig, idx, 1, -1)
+        state.visual.cls = None
+        return new
+
+    def _rewrite(self, state: PromptState, kw, new, ids, img, feats, out, rec, keep_vis, repl, positions):
+        """Shorten the call to the kept visual tokens ``keep_vis`` (bool ``[B, V]``; ``repl`` their new
+        features): ids, masks, per-token tensors, positions (``"preserve"`` or ``"compact"``), features."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        ad = self.adapter
+        vis = state.visual
+        B, L = ids.shape
+        dev = ids.device
 
         ad.check_pre_llm(as_list(keep_vis.sum(1)))
         kept_img = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
@@ -248,7 +292,7 @@ class PrefillRewriter(StagePart):
         full = ad.full_position_ids(kw, rec)
         full_max = max_rows(full)
         orig_next = full_max.masked_fill(am == 0, -1).amax(1) + 1 if am is not None else full_max.amax(1) + 1
-        if ad.mrope or stage.positions == "preserve":
+        if ad.mrope or positions == "preserve":
             pos = torch.stack([gather(p, idx, 1, 0) for p in full]) if full.dim() == 3 else gather(full, idx, 1, 0)
             gaps = True
         else:
@@ -267,7 +311,7 @@ class PrefillRewriter(StagePart):
         mm = dict(new["mm_encoder_outputs"])
         mm["image"] = BaseModelOutputWithPooling(pooler_output=ad.make_pooler(kept_flat, out.pooler_output))
         new["mm_encoder_outputs"] = mm
-        if self.plan.compact_note and stage.positions == "compact":
+        if self.plan.compact_note and positions == "compact":
             self.report.note(self.plan.compact_note)
         return new
 

@@ -20,7 +20,14 @@ class StageReport:
     budget : int or float
         The stage's nominal budget (tokens kept, or fraction of the tokens the earlier stage left).
     relevance : str or None
-        Where the relevance signal came from.
+        Where the relevance signal came from, as resolved for this model: the stage's own source
+        (``"cls_attention"``, ``"text_attention"``, ``"own_layer_attention"``, ``"key_norm"``,
+        ``"text_similarity"``), or what replaced it: ``"mean_attention"`` or ``"text_similarity"`` on a
+        tower without [CLS]; ``"text_encoder"`` for a before-LLM ``"text_similarity"`` stage given
+        :func:`tokenprune.prune`'s ``text_encoder`` (the encoder's patch-instruction similarity,
+        CDPruner's paper), while ``"text_similarity"`` before the LLM is the fallback (the projected
+        features' cosine similarity to the LLM's input embeddings of the prompt's text). The
+        report's notes give each such stage's source in words.
     tokens_before, tokens_after : list of int
         Visual tokens per sample before and after the stage, protected tokens (LLaVA-NeXT newline
         tokens under ``newlines="keep"``) included.

@@ -42,8 +42,10 @@ from .plan import CLS_FALLBACKS, NEWLINE_POLICIES, Plan, method_for_model
 from .prefill import PrefillRewriter
 from .report import PruneReport, finish_report, start_report
 from .signals import SignalCapture
+from .text_encoder import TextEncoder
 from .stage_select import StageSelection
 from .state import DECODE, PREFILL, PromptState
+from .prefix_cache import PrefixCache
 from .vision_cache import VisionCache
 
 __all__ = ["PruneSession", "prune", "NEWLINE_POLICIES", "CLS_FALLBACKS"]
@@ -63,16 +65,29 @@ class PruneSession:
 
     def __init__(self, model, method, *, adapter=None, newlines: str = "keep", dynamic_threshold: float = 0.5,
                  cls_fallback: str | None = None, seed: int = 0, vision_cache: VisionCache | None = None,
-                 **method_params):
+                 prefix_cache: PrefixCache | None = None,
+                 text_encoder: TextEncoder | None = None, **method_params):
         if vision_cache is not None and not isinstance(vision_cache, VisionCache):
             raise ConfigError(f"vision_cache must be a tokenprune.VisionCache or None, "
                               f"got {type(vision_cache).__name__}")
+        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
+            raise ConfigError(f"prefix_cache must be a tokenprune.PrefixCache or None, "
+                              f"got {type(prefix_cache).__name__}")
+        self.prefix_cache = prefix_cache
+        if text_encoder is not None and not isinstance(text_encoder, TextEncoder):
+            raise ConfigError(f"text_encoder must be a tokenprune.TextEncoder (a CLIP or SigLIP model, its tokenizer "
+                              f"and how to read the instruction), got {type(text_encoder).__name__}; e.g. "
+                              "TextEncoder(CLIPModel.from_pretrained(d), CLIPTokenizer.from_pretrained(d), "
+                              "prompt_tokenizer=processor.tokenizer)")
         self.model = model
         self.adapter = get_model_adapter(model, adapter)
         self.method = method_for_model(method, self.adapter, method_params)
         self.plan = Plan.build(self.method, self.adapter, newlines=newlines, cls_fallback=cls_fallback,
-                               dynamic_threshold=dynamic_threshold, seed=seed, model_name=type(model).__name__)
+                               dynamic_threshold=dynamic_threshold, seed=seed, model_name=type(model).__name__,
+                               text_encoder=text_encoder)
         self.report = start_report(model, self.adapter, self.method)
+        for note in self.plan.relevance_notes:  # which relevance source each stage reads
+            self.report.note(note)
         self.signals = SignalCapture(self.plan, self.adapter, vision_cache)
         select = StageSelection(self.plan, self.report)
         self.prefill = PrefillRewriter(self.plan, self.adapter, self.signals, select, self.report)
@@ -117,16 +132,22 @@ class PruneSession:
             hooks.switch_attention(ad.text_config)
             for li, st in plan.capture_layers.items():
                 hooks.capture_attention(ad.attention_module(li), self._text_attention_callback(li, st))
-        if plan.need_cls:
-            mod = ad.cls_attention_module("mean_attention" if plan.mean_attention else None)
+        if plan.need_cls or plan.vision_site:  # the feature layer's attention: [CLS] row / mean, keys
+            mod = (ad.cls_attention_module("mean_attention" if plan.mean_attention else None) if plan.need_cls
+                   else ad.feature_attention_module())
             hooks.switch_attention(mod.config)
             hooks.capture_attention(mod, self.signals.vision_callback())
         hooks.forward_pre_hook(self.model, self._outer_pre)
         hooks.forward_hook(self.model, self._outer_post)
         hooks.forward_pre_hook(ad.layers[0], self._direct_call_check)
+        for li, st in plan.own_attention_layers.items():  # before the layer's surgery hook, which prunes
+            hooks.forward_pre_hook(ad.layers[li], self._own_attention_hook(li, st))
         if plan.llm_stages:
             for li in range(plan.first_llm_layer, ad.depth):
                 hooks.forward_pre_hook(ad.layers[li], self._layer_pre_hook(li))
+        if self.prefix_cache is not None and plan.shares_llm_prefix:  # after the captures it replays
+            self.prefix_cache.share(hooks, ad, plan.first_llm_layer,
+                                    lambda: self._phase == PREFILL and self._state is not None)
 
     def _detach(self) -> None:
         self._hooks.close()
@@ -145,6 +166,16 @@ class PruneSession:
                 self.signals.capture_text(self._state, layer_idx, stage, module, query, key, attention_mask,
                                           kwargs)
         return callback
+
+    def _own_attention_hook(self, layer_idx: int, stage):
+        """A forward pre-hook of decoder layer ``layer_idx`` (registered before its surgery hook): the
+        attention the layer would compute, for a stage with ``relevance="own_layer_attention"``."""
+        def hook(module, args, kwargs):
+            if self._phase == PREFILL and self._state is not None:
+                hs = args[0] if args else kwargs["hidden_states"]
+                self.signals.capture_own_attention(self._state, layer_idx, stage, module, hs, kwargs)
+            return None
+        return hook
 
     def _layer_pre_hook(self, layer_idx: int):
         """The forward pre-hook of decoder layer ``layer_idx``."""
@@ -235,6 +266,7 @@ class PruneSession:
 
 def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_threshold: float = 0.5,
           cls_fallback: str | None = None, seed: int = 0, vision_cache: VisionCache | None = None,
+          prefix_cache: PrefixCache | None = None, text_encoder: TextEncoder | None = None,
           **method_params) -> PruneSession:
     """Prune visual tokens of a Hugging Face VLM inside a ``with`` block.
 
@@ -278,6 +310,18 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
         Share the vision side with other contexts and unpruned calls: ``get_image_features``
         outputs and the captured [CLS] (or mean) attention are taken from the cache when the same
         images were seen before, and stored otherwise (see :class:`~tokenprune.VisionCache`).
+    prefix_cache : PrefixCache, optional
+        Share the unpruned first decoder layers with other contexts: a method with no stage before the
+        LLM whose first stage acts at layer ``k`` replays layers ``0 .. k-1`` (their outputs, KV-cache
+        entries and attention captures) recorded by an earlier context on the identical prompt batch,
+        instead of computing them (see :class:`~tokenprune.PrefixCache`).
+    text_encoder : TextEncoder, optional
+        The vision-language encoder (CLIP, SigLIP) whose text tower gives the stages before the LLM
+        that read ``relevance="text_similarity"`` (CDPruner) the paper's instruction relevance: the
+        similarity of each patch's projected feature-layer state to the instruction's text embedding,
+        per crop (see :class:`~tokenprune.TextEncoder`). Their reports' ``relevance`` is then
+        ``"text_encoder"``. Without it they use the fallback (the cosine similarity of the projected
+        features to the LLM's input embeddings of the prompt's text), and a report note says so.
     **method_params
         With a method *name*: its parameters (``budget=64``, ...). The adapter's
         ``default_schedule`` for that name fills in what is not given.
@@ -300,7 +344,8 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
         above the tokens an earlier stage left, unequal sequence lengths in an in-LLM stage, or (Gemma3)
         in-LLM pruning beyond the sliding window.
     ConfigError
-        ``vision_cache`` is not a :class:`~tokenprune.VisionCache`.
+        ``vision_cache`` is not a :class:`~tokenprune.VisionCache`, ``text_encoder`` is not a
+        :class:`~tokenprune.TextEncoder`, or no stage before the LLM reads it.
 
     Notes
     -----
@@ -316,15 +361,26 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
 
     ``relevance="key_norm"`` is the L1 norm of each visual token's post-RoPE key at layer ``k - 1``,
     averaged over key/value heads (DART's pivot score; whether DART takes keys before or after RoPE is
-    not stated, we use what attention uses). ``relevance="text_similarity"`` is the mean cosine
-    similarity of each visual token to the prompt's text tokens: input embeddings before the LLM
-    (CDPruner's instruction relevance), hidden states at layer ``k`` inside it; the text embeddings are
-    also put in the context for criteria that read them. ``relevance="cls_attention"`` is the vision
+    not stated, we use what attention uses). ``relevance="own_layer_attention"`` is the raters'
+    attention as layer ``k`` itself computes it from the hidden states entering it (its input norm,
+    query/key projections and rotary embedding at the current positions), computed in a pre-hook of
+    layer ``k`` before the stage prunes (PyramidDrop). ``relevance="text_similarity"`` before the LLM
+    is CDPruner's instruction relevance: with ``text_encoder``, the encoder's similarity of each patch
+    to the instruction (reported as ``"text_encoder"``); without it, the fallback: the mean cosine
+    similarity of each visual token to the prompt's text tokens' input embeddings. Inside the LLM it
+    is the mean cosine similarity to the text tokens' hidden states at layer ``k``; the text
+    embeddings are also put in the context for criteria that read them. ``relevance="cls_attention"`` is the vision
     tower's [CLS] row at the feature layer, head-averaged (FasterVLM, VisionZip); inside the LLM the
     same scores follow the kept tokens.
 
     Every context also carries ``coords`` (float ``[B, N, 4]``: image, crop, row, col; ``-1`` unknown)
     as an extra signal, and ``grid`` when the candidates are one full image grid.
+
+    A stage with ``site="vision"`` (VisionZip) selects per crop on the vision tower's hidden states at
+    the feature layer ([CLS] included), with that layer's head-averaged keys (``keys``) and the [CLS]
+    mark (``cls_token``) as signals; the projector then runs on its tokens, which enter the LLM at
+    consecutive positions (see :mod:`tokenprune.runtime.vision_stage`). Families whose projector does
+    not map one vision token to one LLM token run it on the projected features, with a note.
 
     Batches: samples are selected together (one context per stage); every sample keeps the same
     budget. Before the LLM, samples that end with different lengths are re-padded (on the side the
@@ -356,4 +412,6 @@ def prune(model, method, *, adapter=None, newlines: str = "keep", dynamic_thresh
     >>> print(report.summary())                                             # doctest: +SKIP
     """
     return PruneSession(model, method, adapter=adapter, newlines=newlines, dynamic_threshold=dynamic_threshold,
-                        cls_fallback=cls_fallback, seed=seed, vision_cache=vision_cache, **method_params)
+                        text_encoder=text_encoder,
+                        cls_fallback=cls_fallback, seed=seed, vision_cache=vision_cache, prefix_cache=prefix_cache,
+                        **method_params)

@@ -34,7 +34,7 @@ class StageSelection:
         self.report = report
 
     def __call__(self, state: PromptState, index: int, stage, feats: torch.Tensor, relevance, text_emb,
-                 text_mask, layer):
+                 text_mask, layer, *, text_relevance=None, positions=None):
         """Run stage ``index`` on ``state.visual``.
 
         Parameters
@@ -47,6 +47,10 @@ class StageSelection:
             ``[B, T, D]`` and bool ``[B, T]``.
         layer : int or None
             Where the stage acts (for the report).
+        text_relevance : torch.Tensor, optional
+            float ``[B, T]`` scores of the text tokens (DART's key norms).
+        positions : torch.Tensor, optional
+            long ``[B, V]`` positions of the visual tokens in the unpadded sequence (``positions`` signal).
 
         Returns
         -------
@@ -80,14 +84,18 @@ class StageSelection:
             f = gather(feats[sub].detach(), cidx, 1, 0.0)
             rel = None if relevance is None else gather(relevance[sub].float(), cidx, 1, 0.0)
             extra = {"coords": gather(vis.coords[sub], cidx, 1, -1).float()}
+            if positions is not None:
+                extra["positions"] = gather(positions[sub], cidx, 1, -1)
             te = None if text_emb is None else text_emb[sub].detach()
             tm = None if text_mask is None else text_mask[sub]
+            tr = None if text_relevance is None else text_relevance[sub].float()
             if te is not None and te.shape[1] == 0:
-                te, tm = None, None
+                te, tm, tr = None, None, None
             grid = self.single_grid(state, cidx) if first else None
             with torch.no_grad():
-                ctx = make_context(f, mask=cmask, relevance=rel, text_embeddings=te, text_mask=tm, grid=grid,
-                                   seed=self.plan.seed + index, **extra)
+                ctx = make_context(f, mask=cmask, relevance=rel, text_embeddings=te, text_mask=tm,
+                                   text_relevance=tr, grid=grid, seed=self.plan.seed + index,
+                                   compute_dtype=stage.compute_dtype, **extra)
                 sel = stage.selector.select(stage.objective, ctx, budget)
             picked = torch.where(sel.valid, torch.gather(cidx, 1, sel.indices.clamp_min(0)), -1)
             V = keep.shape[1]

@@ -110,9 +110,17 @@ class VisionCache:
     **What is kept.** References to the call's input tensors (not copies), the model's output object
     as returned (every call gets a shallow copy of it: the same tensors in a new container, since
     ``generate`` with beams replaces the container's ``pooler_output`` with a repeated one), and per
-    signal kind (``"cls"``: the [CLS] attention row, ``"mean"``: mean attention per patch) the
-    float32 signal. A pruning context that needs a signal the entry lacks runs the tower once more
-    with the capture on and adds the signal to the entry.
+    signal kind (``"cls"``: the [CLS] attention row, ``"mean"``: mean attention per patch; for stages
+    before the projector, ``site="vision"``, ``"cls+keys"``, ``"mean+keys"`` or ``"keys"``: that row
+    and the feature layer's head-averaged keys) the float32 signal. A pruning context that needs a
+    signal the entry lacks runs the tower once more with the capture on and adds the signal to the
+    entry.
+
+    **Stages before the projector.** They never change what ``get_image_features`` returns: they read
+    the feature layer's hidden states, which its output carries (``hidden_states``) and the cache
+    keeps with it, and the keys, cached as a signal; the projector runs again on their kept tokens
+    during the prefill. So an entry is the same whichever context (pruned, unpruned, before or after
+    the projector) filled it.
 
     **Exactness.** A hit returns exactly what the miss computed; the vision tower in eval mode is
     deterministic for the same inputs, so results equal recomputing (the evaluation tests compare

@@ -31,11 +31,15 @@ class Selector(ABC):
     exact_budget : bool
         True when the selector keeps exactly ``min(budget, valid)`` tokens per sample; False for
         selectors that may keep fewer (pooling to a grid that fits the budget).
+    signals : frozenset of str
+        Context signals the selector reads itself, beyond its objective's (e.g. DART's
+        ``text_embeddings``, ``text_relevance`` and ``positions``); the runtime supplies them.
     """
 
     needs_objective: ClassVar[bool] = True
     objective_types: ClassVar[tuple] = ()
     exact_budget: ClassVar[bool] = True
+    signals: ClassVar[frozenset] = frozenset()
 
     def select(self, objective: Criterion | None, ctx: TokenContext, budget) -> Selection:
         """Keep ``min(budget, valid)`` tokens per sample.

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputPathError, UnsupportedModelError
+from ..errors import ConfigError, OutputPathError, UnsupportedModelError
 from ..evaluation.data import VQAExample, write_vqa_jsonl
 from . import scenes as S
 
 __all__ = ["CHECKPOINT_DIR", "checkpoint_path", "load_testbed", "held_out_examples", "export_jsonl",
-           "HELD_OUT_SIZE", "HELD_OUT_SEED"]
+           "export_parquet", "HELD_OUT_SIZE", "HELD_OUT_SEED", "PARQUET_NAME"]
 
 #: Where the trained checkpoint ships inside the package.
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -26,6 +26,8 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 CHECKPOINT_ENV = "TOKENPRUNE_TESTBED_CHECKPOINT"
 HELD_OUT_SIZE = 1000
 HELD_OUT_SEED = 12345
+#: File name of the parquet export (:func:`export_parquet`).
+PARQUET_NAME = "testbed.parquet"
 
 
 def checkpoint_path() -> Path:
@@ -107,12 +109,71 @@ def export_jsonl(out_dir, n: int = 50, seed: int = HELD_OUT_SEED) -> Path:
     OutputPathError
         ``out_dir``, or a folder above it, is an existing file (checked before any scene is drawn).
     """
+    _check_export_folder(out_dir, "testbed.jsonl and images/")
+    exs = held_out_examples(n=max(n, HELD_OUT_SIZE), seed=seed, limit=n)
+    return write_vqa_jsonl(exs, Path(out_dir) / "testbed.jsonl")
+
+
+def _check_export_folder(out_dir, what: str) -> None:
+    """Raise :class:`OutputPathError` if ``out_dir`` or a folder above it is an existing file."""
     out = Path(out_dir)
     for p in (out, *out.parents):
         if p.exists():
             if not p.is_dir():
                 raise OutputPathError(f"export folder {str(out)!r}: {str(p)!r} is an existing file, not a folder "
-                                      f"(testbed.jsonl and images/ are written in a folder)")
+                                      f"({what} are written in a folder)")
             break
+
+
+def export_parquet(out_dir, n: int = HELD_OUT_SIZE, seed: int = HELD_OUT_SEED) -> Path:
+    """Write the first ``n`` held-out questions as one parquet file with the images inside.
+
+    The columns are those of the local VQA format (``id``, ``image``, ``question``, ``answers``,
+    ``family``, ``evidence``), with ``image`` a Hugging Face ``datasets.Image`` column (PNG bytes), so
+    ``datasets.load_dataset("parquet", ...)`` and lmms-eval read it as images.
+
+    Parameters
+    ----------
+    out_dir : str or pathlib.Path
+        The folder (created).
+    n : int
+        Questions (default: all 1,000; the first ``n`` of the same fixed set).
+    seed : int
+        Seed of the held-out set.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir / "testbed.parquet"`` (about 57 KB per question).
+
+    Raises
+    ------
+    OutputPathError
+        ``out_dir``, or a folder above it, is an existing file.
+    ConfigError
+        The ``datasets`` package is not installed (``pip install 'tokenprune[lmms]'``).
+    """
+    _check_export_folder(out_dir, PARQUET_NAME)
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("the parquet export needs the datasets package: pip install 'tokenprune[lmms]' "
+                          "(or pip install datasets)") from None
+    from PIL import Image
+
     exs = held_out_examples(n=max(n, HELD_OUT_SIZE), seed=seed, limit=n)
-    return write_vqa_jsonl(exs, Path(out_dir) / "testbed.jsonl")
+    features = datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
+        "answers": datasets.List(datasets.Value("string")) if hasattr(datasets, "List")
+        else datasets.Sequence(datasets.Value("string")),
+        "family": datasets.Value("string"),
+        "evidence": datasets.List(datasets.Value("int64")) if hasattr(datasets, "List")
+        else datasets.Sequence(datasets.Value("int64"))})
+    data = {"id": [ex.id for ex in exs], "image": [Image.fromarray(ex.image) for ex in exs],
+            "question": [ex.question for ex in exs], "answers": [list(ex.answers) for ex in exs],
+            "family": [ex.family for ex in exs], "evidence": [[int(i) for i in ex.evidence] for ex in exs]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PARQUET_NAME
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+    return path

@@ -85,7 +85,8 @@ def example_context(*, batch: int = 3, rows: int = 4, cols: int = 4, dim: int = 
     Returns
     -------
     TokenContext
-        With ``relevance`` (positive, ``[B, N]``), ``text_embeddings`` ``[B, T, D]``, ``grid``.
+        With ``relevance`` (positive, ``[B, N]``), ``text_embeddings`` ``[B, T, D]``,
+        ``text_relevance`` (positive, ``[B, T]``), ``grid``.
     """
     g = torch.Generator().manual_seed(int(seed))
     n = rows * cols
@@ -101,11 +102,12 @@ def example_context(*, batch: int = 3, rows: int = 4, cols: int = 4, dim: int = 
         if batch >= 3:
             mask[2, 1::3] = False
     text = torch.randn(batch, max(1, text_tokens), dim, generator=g, dtype=torch.float64)
+    text_rel = torch.rand(batch, max(1, text_tokens), generator=g, dtype=torch.float64) + 0.05
     extra = {}
     for name, v in (signals or {}).items():
         extra[name] = v(batch, n, g) if callable(v) else v
     return make_context(feats.to(dtype), mask=mask, relevance=rel.float(), text_embeddings=text.to(dtype),
-                        grid=(rows, cols), seed=seed, **extra)
+                        text_relevance=text_rel.float(), grid=(rows, cols), seed=seed, **extra)
 
 
 def example_contexts(signals: Mapping | None = None, *, ties: bool = True) -> list:
@@ -172,17 +174,18 @@ def _rebuild(ctx: TokenContext, *, rows=None, tokens=None, drop=(), dtype=None, 
     feats = take(ctx.features)
     if dtype is not None:
         feats = feats.to(dtype)
-    te, tm = ctx.text_embeddings, ctx.text_mask
+    te, tm, tr = ctx.text_embeddings, ctx.text_mask, ctx.text_relevance
     if te is not None:
         te, tm = te[r], tm[r]
+        tr = None if tr is None else tr[r]
         if dtype is not None:
             te = te.to(dtype)
     kw = dict(mask=take(ctx.mask), relevance=take(ctx.relevance), text_embeddings=te, text_mask=tm,
-              grid=ctx.grid if (keep_grid and tokens is None) else None, seed=ctx.seed)
+              text_relevance=tr, grid=ctx.grid if (keep_grid and tokens is None) else None, seed=ctx.seed)
     kw.update({k: take(v) for k, v in ctx.extra.items()})
     for d in drop:
         if d == "text_embeddings":
-            kw["text_embeddings"] = kw["text_mask"] = None
+            kw["text_embeddings"] = kw["text_mask"] = kw["text_relevance"] = None
         else:
             kw[d] = None
     return make_context(feats, **kw)
@@ -860,7 +863,7 @@ def check_method_config(method, ctx):
 def _signals_kw(ctx) -> dict:
     """``ctx``'s signals as keyword arguments of :meth:`PruningMethod.select`."""
     kw = dict(relevance=ctx.relevance, text_embeddings=ctx.text_embeddings, text_mask=ctx.text_mask,
-              grid=ctx.grid, seed=ctx.seed)
+              text_relevance=ctx.text_relevance, grid=ctx.grid, seed=ctx.seed)
     kw.update(ctx.extra)
     return kw
 

@@ -147,7 +147,7 @@ def contexts(draw, *, batch=st.integers(1, 3), grid=None, dim=st.integers(3, 8),
         Duplicate some tokens (features and relevance) exactly.
     signals : tuple of str
         Which standard signals to attach: ``"relevance"`` (positive ``[B, N]``), ``"text_embeddings"``
-        (``[B, T, D]`` with a text mask) and ``"grid"``.
+        (``[B, T, D]`` with a text mask and positive ``text_relevance`` ``[B, T]``) and ``"grid"``.
     extra : mapping, optional
         Plugin signals: name to a callable ``(B, N, generator) -> tensor``.
     """
@@ -176,6 +176,7 @@ def contexts(draw, *, batch=st.integers(1, 3), grid=None, dim=st.integers(3, 8),
         if T > 1 and draw(st.booleans()):
             tm[:, T - 1] = False
         kw["text_mask"] = tm
+        kw["text_relevance"] = (torch.rand(B, T, generator=g, dtype=torch.float64) + 1e-3).float()
     if "grid" in signals:
         kw["grid"] = (rows, cols)
     for name, fn in (extra or {}).items():

@@ -1,0 +1,288 @@
+"""Share the unpruned first decoder layers across pruning contexts: computed once per prompt batch.
+
+An in-LLM method whose first stage acts at decoder layer ``k`` (FastV, DART, ReverseFastV and
+WindowFastV at layer 2, PyramidDrop at its first layer) runs layers ``0 .. k-1`` on the full prompt,
+untouched: in a sweep over such methods and budgets, every configuration computes exactly the same
+thing there. :class:`PrefixCache` records what those layers produced in one context (their output
+hidden states, the keys and values they wrote into the KV cache, the post-RoPE queries their
+attention saw) and replays it in later contexts whose layers receive the identical input, instead of
+computing it again (``tokenprune.prune(..., prefix_cache=cache)``).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TokenPruneError
+from . import attention as attn
+from .vision_cache import _fingerprint
+
+
+def _same(a, b) -> bool:
+    """Whether two layer arguments are identical: tensors equal in shape, dtype, device and values
+    (compared in full), tuples element-wise, anything else by ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+#: Decoder-layer arguments a replay must match (besides the hidden states): everything that, with the
+#: weights, decides what the layer computes during a prefill.
+_COMPARED = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+
+
+@dataclass
+class _Layer:
+    """What one decoder layer produced for one prompt batch."""
+
+    output: object                 # the layer's return value (a tensor, or a tuple holding one)
+    keys: torch.Tensor | None      # what it wrote into the KV cache
+    values: torch.Tensor | None
+    query: torch.Tensor | None     # post-RoPE queries its attention saw (for attention captures)
+    attn_key: torch.Tensor | None  # post-RoPE keys its attention saw
+    attn_mask: object = None
+    attn_kwargs: dict = field(default_factory=dict)
+    ms: float = 0.0
+
+
+@dataclass
+class _Entry:
+    """The first layers of one prompt batch: their inputs (to confirm a hit) and outputs, by layer."""
+
+    hidden: torch.Tensor           # layer 0's input hidden states (a copy)
+    arguments: dict                # layer 0's other compared arguments (references)
+    layers: list = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class PrefixCache:
+    """The unpruned first decoder layers of a model, computed once per distinct prompt batch.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Upper bound on the memory held (per layer and prompt batch: the output hidden states, the keys
+        and values written to the KV cache, the attention's queries; plus each batch's input), in bytes.
+        Least recently used batches are dropped first. Default 2 GiB.
+
+    Notes
+    -----
+    **When it applies.** A pruning context given the cache shares layers ``0 .. k-1`` when its method
+    has no stage before the LLM and its first in-LLM stage acts at layer ``k``: those layers then see
+    the model's own prompt. Contexts with a stage before the LLM neither record nor replay.
+
+    **Keys and exactness.** An entry is found by the model (identity, alive; parameter dtype, device
+    and in-place version counters, so a weight update invalidates it) and a sampled digest of layer
+    0's input hidden states; a hit is confirmed by comparing those hidden states in full and every
+    other argument that decides the layer's output (attention mask, position ids and embeddings,
+    cache positions) with ``torch.equal``. On a hit each shared layer writes the recorded keys and
+    values into the KV cache, replays the attention capture a pruning stage reads at that layer (the
+    recorded post-RoPE queries and keys, the same mask and scaling), and returns a copy of the recorded
+    output; the next layer's input is that output, so the whole prefix equals recomputing it bit for
+    bit (tested with full logits and ``generate`` outputs). Decoding steps never match (their input is
+    one token) and run as usual. Layers in training mode are never shared.
+
+    **Cost.** A lookup costs one sampled digest; a hit one full comparison of layer 0's input and its
+    arguments, and one copy of each shared layer's output.
+
+    Examples
+    --------
+    >>> import tokenprune as tp
+    >>> tp.PrefixCache(max_bytes=1 << 30).stats()["entries"]
+    0
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise TokenPruneError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._entries: "OrderedDict[tuple, list]" = OrderedDict()
+        self._models: dict = {}
+        self.nbytes = 0
+        self.hits = 0          # prefills whose shared layers were replayed
+        self.misses = 0        # prefills that computed and recorded them
+        self.layers_saved = 0  # decoder-layer calls replayed
+        self.compute_ms = 0.0  # wall time of the layer calls recorded
+        self.saved_ms = 0.0    # recorded wall time of the layer calls replayed
+
+    def stats(self) -> dict:
+        """``entries``, ``bytes``, ``hits``, ``misses``, ``layers_saved``, ``compute_ms`` and ``saved_ms``."""
+        return {"entries": sum(len(v) for v in self._entries.values()), "bytes": self.nbytes, "hits": self.hits,
+                "misses": self.misses, "layers_saved": self.layers_saved, "compute_ms": self.compute_ms,
+                "saved_ms": self.saved_ms}
+
+    def clear(self) -> None:
+        """Drop every entry (the counters stay)."""
+        self._entries.clear()
+        self._models.clear()
+        self.nbytes = 0
+
+    def _model_key(self, model) -> tuple:
+        ref = self._models.get(id(model))
+        if ref is None or ref() is not model:  # a new model (maybe at a dead one's address)
+            for k in [k for k in self._entries if k[0] == id(model)]:
+                self._drop(k)
+            self._models[id(model)] = weakref.ref(model)
+        params = list(model.parameters())
+        first = params[0] if params else None
+        return (id(model), None if first is None else str(first.dtype), None if first is None else str(first.device),
+                sum(p._version for p in params))
+
+    def _drop(self, key) -> None:
+        for e in self._entries.pop(key, []):
+            self.nbytes -= e.nbytes
+
+    def _store(self, key, entry: _Entry) -> None:
+        entry.nbytes = _nbytes(entry.hidden) + sum(
+            _nbytes(*(_output_tensors(la.output)), la.keys, la.values, la.query) for la in entry.layers)
+        if entry.nbytes > self.max_bytes:
+            return
+        self._entries.setdefault(key, []).append(entry)
+        self._entries.move_to_end(key)
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes and self._entries:
+            oldest = next(iter(self._entries))
+            bucket = self._entries[oldest]
+            self.nbytes -= bucket.pop(0).nbytes
+            if not bucket:
+                del self._entries[oldest]
+
+    def _find(self, key, hidden, arguments, depth: int) -> _Entry | None:
+        for e in self._entries.get(key, []):
+            if len(e.layers) >= depth and _same(e.hidden, hidden) and all(
+                    _same(e.arguments.get(n), arguments.get(n)) for n in _COMPARED):
+                self._entries.move_to_end(key)
+                return e
+        return None
+
+    # -- the runtime's side ----------------------------------------------------------------------------
+    def share(self, hooks, adapter, depth: int, in_prefill) -> None:
+        """Install, with ``hooks`` (a :class:`~tokenprune.runtime.hookset.HookSet`), the wrappers that
+        record or replay decoder layers ``0 .. depth-1`` of ``adapter``'s model during prefills.
+
+        ``in_prefill()`` says whether the current top-level call is a prefill of the context.
+        """
+        run = _PrefixRun(self, adapter, depth)
+        for li in range(depth):
+            hooks.wrap_method(adapter.layers[li], "forward", run.layer(li, in_prefill))
+            module = adapter.attention_module(li)
+            hooks.switch_attention(module.config)
+            hooks.capture_attention(module, run.attention(li, attn._TARGETS.get(id(module))))
+
+
+def _output_tensors(output):
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    if isinstance(output, (tuple, list)):
+        return tuple(o for o in output if isinstance(o, torch.Tensor))
+    return ()
+
+
+def _copy_output(output):
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+    return output
+
+
+def _cache_layer(cache, li: int):
+    """The ``(keys, values)`` tensors a cache holds for layer ``li`` (``None`` if it has none)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or li >= len(layers):
+        return None
+    layer = layers[li]
+    k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return (k, v) if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) else None
+
+
+class _PrefixRun:
+    """The record-or-replay state of one pruning context over the prefills it sees."""
+
+    def __init__(self, cache: PrefixCache, adapter, depth: int):
+        self.cache, self.adapter, self.depth = cache, adapter, depth
+        self.mode = None      # None (not sharing this call), "record" or "replay"
+        self.entry = None
+        self.key = None
+        self.pending: dict = {}  # layer -> attention inputs seen while recording
+
+    def layer(self, li: int, in_prefill):
+        def around(original, args, kwargs):
+            module = self.adapter.layers[li]
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if li == 0:
+                self.mode = None
+                if in_prefill() and not module.training and isinstance(hidden, torch.Tensor):
+                    self._start(hidden, kwargs)
+            if self.mode == "replay":
+                return self._replay(li, module, kwargs)
+            if self.mode != "record":
+                return original(*args, **kwargs)
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            ms = (time.perf_counter() - t0) * 1e3
+            self._record(li, out, kwargs, ms)
+            return out
+        return around
+
+    def attention(self, li: int, downstream):
+        def capture(module, query, key, attention_mask, kwargs):
+            if self.mode == "record":
+                self.pending[li] = (query.detach(), key.detach(), attention_mask,
+                                    {k: kwargs[k] for k in ("scaling", "softcap") if k in kwargs})
+            if downstream is not None:
+                downstream(module, query, key, attention_mask, kwargs)
+        return capture
+
+    def _start(self, hidden, kwargs) -> None:
+        cache = self.cache
+        key = cache._model_key(self.adapter.model) + (_fingerprint(hidden),)
+        arguments = {n: kwargs.get(n) for n in _COMPARED}
+        entry = cache._find(key, hidden, arguments, self.depth)
+        if entry is not None:
+            self.mode, self.entry = "replay", entry
+            cache.hits += 1
+            return
+        self.mode, self.key, self.pending = "record", key, {}
+        self.entry = _Entry(hidden=hidden.detach().clone(), arguments=arguments)
+        cache.misses += 1
+
+    def _record(self, li: int, out, kwargs, ms: float) -> None:
+        kv = _cache_layer(self.adapter.kv_cache(kwargs), li)
+        q = self.pending.pop(li, None)
+        self.entry.layers.append(_Layer(
+            output=_copy_output(out) if not isinstance(out, torch.Tensor) else out.detach().clone(),
+            keys=None if kv is None else kv[0].detach().clone(), values=None if kv is None else kv[1].detach().clone(),
+            query=None if q is None else q[0].clone(), attn_key=None if q is None else q[1].clone(),
+            attn_mask=None if q is None else q[2], attn_kwargs={} if q is None else q[3], ms=ms))
+        self.cache.compute_ms += ms
+        if li == self.depth - 1:
+            self.cache._store(self.key, self.entry)
+            self.mode, self.entry, self.key = None, None, None
+
+    def _replay(self, li: int, module, kwargs):
+        rec = self.entry.layers[li]
+        cache = self.adapter.kv_cache(kwargs)
+        if cache is not None and rec.keys is not None:
+            cache.update(rec.keys, rec.values, li)
+        attn_module = self.adapter.attention_module(li)
+        capture = attn._TARGETS.get(id(attn_module))
+        if capture is not None and rec.query is not None:
+            capture(attn_module, rec.query, rec.attn_key, rec.attn_mask, dict(rec.attn_kwargs))
+        self.cache.layers_saved += 1
+        self.cache.saved_ms += rec.ms
+        if li == self.depth - 1:
+            self.mode, self.entry = None, None
+        return _copy_output(rec.output)
