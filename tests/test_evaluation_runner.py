@@ -93,10 +93,10 @@ def test_shared_vision_side_gives_the_records_of_recomputing_it(setup):
     calls = (1 + len(methods) * len(budgets)) * 4
     assert stats["entries"] == 4 and stats["misses"] == 8 and stats["hits"] == calls - 8
     assert runs[False][0].vision_cache is None and runs[False][0].prefix_cache is None
-    # fastv and dart act at layer 2 with nothing before the LLM: the first configuration (fastv@12)
-    # computes layers 0-1 of each batch and the warm-up slice, the three others replay them
+    # fastv and dart act at layer 2 with nothing before the LLM: the unpruned run records layers 0-1 of
+    # each batch and of the warm-up slice, the four in-LLM configurations replay them
     prefix = runs[True][0].prefix_cache.stats()
-    assert prefix["misses"] == 4 and prefix["hits"] == 3 * 4 and prefix["layers_saved"] == 2 * 3 * 4
+    assert prefix["misses"] == 4 and prefix["hits"] == 4 * 4 and prefix["layers_saved"] == 2 * 4 * 4
 
 
 class _TwoRanks:

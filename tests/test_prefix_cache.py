@@ -77,3 +77,19 @@ def test_memory_bound_and_bad_arguments(tiny):
         tp.PrefixCache(max_bytes=-1)
     with pytest.raises(tp.errors.ConfigError, match="prefix_cache"):
         tp.prune(t.model, "fastv", prefix_cache=object())
+
+
+def test_an_unpruned_run_records_for_the_pruned_ones(tiny):
+    t, inputs = tiny
+    want = _run(t.model, inputs, "fastv", dict(budget=8))
+    cache = tp.PrefixCache()
+    with torch.no_grad(), cache.attach(t.model, depth=2):
+        ref = t.model(**inputs).logits
+    assert cache.stats()["misses"] == 1 and "get_image_features" not in t.model.model.__dict__
+    got = _run(t.model, inputs, "fastv", dict(budget=8), cache)
+    assert cache.stats()["hits"] == 1
+    assert torch.equal(want[0], got[0]) and want[1] == got[1]
+    with torch.no_grad():
+        assert torch.equal(ref, t.model(**inputs).logits)  # the model is as before after attach
+    with pytest.raises(tp.errors.TokenPruneError, match="depth"):
+        cache.attach(t.model, depth=4)

@@ -131,3 +131,23 @@ def test_beam_search_does_not_change_the_cached_features():
             with tp.prune(model, "divprune", budget=8, vision_cache=cache):
                 assert torch.equal(model.generate(**inputs, **gen), ref)
     assert cache.stats()["hits"] >= 1
+
+
+def test_keys_ride_along_with_the_cls_pass_and_serve_visionzip_exactly():
+    """A [CLS] pass for the cache also captures the feature layer's keys, so a later pre-projector
+    context (VisionZip) runs no tower pass of its own, and selects what it selects without the cache."""
+    model, inputs = _tiny("llava")
+    with torch.no_grad(), tp.prune(model, "visionzip", budget=8) as alone:
+        want = model(**inputs).logits
+    cache = tp.VisionCache()
+    with torch.no_grad():
+        with cache.attach(model):
+            model(**inputs)
+        with tp.prune(model, "fastervlm", budget=8, vision_cache=cache):
+            model(**inputs)
+        misses = cache.stats()["misses"]
+        with tp.prune(model, "visionzip", budget=8, vision_cache=cache) as shared:
+            got = model(**inputs).logits
+    assert cache.stats()["misses"] == misses  # no tower pass for visionzip
+    assert torch.equal(want, got)
+    assert [k.tolist() for k in alone.stages[0].kept] == [k.tolist() for k in shared.stages[0].kept]

@@ -207,8 +207,8 @@ class Evaluator:
         Share the unpruned first decoder layers across configurations (default ``True``: a
         :class:`~tokenprune.PrefixCache` bounded by ``cache_bytes``): methods whose first stage acts
         inside the LLM at layer ``k``, with no stage before it, compute layers ``0 .. k-1`` once per batch
-        (FastV, ReverseFastV, WindowFastV and DART at layer 2 share theirs). Results are identical to
-        recomputing them; ``False`` recomputes them.
+        (FastV, ReverseFastV, WindowFastV and DART at layer 2 share theirs); in :meth:`run_all` the
+        unpruned run records them. Results are identical to recomputing them; ``False`` recomputes them.
     cache_bytes : int
         Keep the processor's output for every batch when it fits in this many bytes (default 2 GiB;
         the testbed's 1,000 questions take about 0.6 GB); otherwise re-encode each batch when used.
@@ -265,6 +265,7 @@ class Evaluator:
         elif not isinstance(prefix_cache, PrefixCache):
             raise ConfigError(f"prefix_cache must be True, False or a PrefixCache, got {type(prefix_cache).__name__}")
         self.prefix_cache = prefix_cache
+        self._prefix_depth = 0  # first layers the unpruned run records (set by run_all)
         if shard is not None and not isinstance(shard, Shard):
             raise ConfigError(f"shard must be a tokenprune.evaluation.distributed.Shard, got {type(shard).__name__}")
         self.shard = SINGLE if shard is None else shard
@@ -364,7 +365,11 @@ class Evaluator:
         """The seam where pruning plugs in: ``tokenprune.prune`` around the model calls (unpruned:
         only the vision cache, when there is one)."""
         if method is None:
-            with self.vision_cache.attach(self.model) if self.vision_cache is not None else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if self.vision_cache is not None:
+                    stack.enter_context(self.vision_cache.attach(self.model))
+                if self.prefix_cache is not None and self._prefix_depth:
+                    stack.enter_context(self.prefix_cache.attach(self.model, self._prefix_depth))
                 yield None
             return
         with prune(self.model, method, seed=self._seed, vision_cache=self.vision_cache,
@@ -485,6 +490,9 @@ class Evaluator:
         configs = ([(None, "none", None)] if baseline else []) + [
             (name, name, b) for name in methods for b in budgets] + [
             (make, label, b) for label, make in (references or {}).items() for b in budgets]
+        if self.prefix_cache is not None and baseline:  # the unpruned run records what the methods share
+            self._prefix_depth = max([self._shared_depth(build_method(name, b, seed)) for name, _, b in configs
+                                      if isinstance(name, str)], default=0)
         results = []
         with tqdm(total=len(configs) * n_mine, desc="tokenprune eval", unit="batch",
                   disable=not self.progress or not self.shard.is_main, dynamic_ncols=True) as bar:
@@ -501,7 +509,13 @@ class Evaluator:
                     results.append(self.run(method, name=label, budget=b, seed=seed))
             finally:
                 self._bar = None
+                self._prefix_depth = 0
         return results
+
+    def _shared_depth(self, method) -> int:
+        """How many first decoder layers ``method`` runs on the unpruned prompt (0: none to share)."""
+        plan = prune(self.model, method).plan  # planned only: nothing is attached
+        return plan.first_llm_layer if plan.shares_llm_prefix else 0
 
 
 def _recall(evidence, kept):

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TokenPruneError
 from . import attention as attn
+from .hookset import HookSet
 from .vision_cache import _fingerprint
 
 
@@ -167,6 +168,38 @@ class PrefixCache:
                 return e
         return None
 
+    # -- unpruned calls --------------------------------------------------------------------------------
+    def attach(self, model, depth: int, adapter=None) -> "_Attached":
+        """A context in which ``model``'s unpruned prefills record (or replay) decoder layers
+        ``0 .. depth-1``, for pruning contexts given this cache later.
+
+        Parameters
+        ----------
+        model : transformers.PreTrainedModel
+            A model with a tokenprune adapter.
+        depth : int
+            How many first layers to record: the largest first in-LLM layer of the methods that will
+            share them (2 for FastV and DART). ``0`` records nothing.
+        adapter : ModelAdapter, type or str, optional
+            As for :func:`tokenprune.prune`.
+
+        Raises
+        ------
+        TokenPruneError
+            ``depth`` not an int in ``[0, number of decoder layers)``.
+
+        Examples
+        --------
+        >>> with prefix.attach(model, depth=2):      # doctest: +SKIP
+        ...     ref = model(**inputs)                # the unpruned reference records layers 0-1
+        """
+        from ..adapters import get_model_adapter
+
+        ad = get_model_adapter(model, adapter)
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth < ad.depth:
+            raise TokenPruneError(f"depth must be an int in [0, {ad.depth}), got {depth!r}")
+        return _Attached(self, model, ad, depth)
+
     # -- the runtime's side ----------------------------------------------------------------------------
     def share(self, hooks, adapter, depth: int, in_prefill) -> None:
         """Install, with ``hooks`` (a :class:`~tokenprune.runtime.hookset.HookSet`), the wrappers that
@@ -286,3 +319,32 @@ class _PrefixRun:
         if li == self.depth - 1:
             self.mode, self.entry = None, None
         return _copy_output(rec.output)
+
+
+class _Attached:
+    """``with cache.attach(model, depth):``: unpruned prefills record their first layers; restored on exit."""
+
+    def __init__(self, cache: PrefixCache, model, adapter, depth: int):
+        self.cache, self.model, self.adapter, self.depth = cache, model, adapter, depth
+        self._hooks = HookSet()
+        self._prefill = False
+
+    def __enter__(self) -> PrefixCache:
+        if self.depth:
+            try:
+                self._hooks.forward_pre_hook(self.model, self._top)
+                self.cache.share(self._hooks, self.adapter, self.depth, lambda: self._prefill)
+            except BaseException:
+                self._hooks.close()
+                raise
+        return self.cache
+
+    def _top(self, module, args, kwargs):
+        """A top-level call is a prefill when it has no KV cache yet."""
+        pkv = self.adapter.kv_cache(kwargs)
+        self._prefill = pkv is None or not hasattr(pkv, "get_seq_length") or pkv.get_seq_length() == 0
+        return None
+
+    def __exit__(self, *exc):
+        self._hooks.close()
+        return False

@@ -74,15 +74,19 @@ class SignalCapture:
         vision_site = self.plan.vision_site
         if vision_site:  # a signal kind of its own in the vision cache: (attention or None, keys)
             kind = "keys" if kind is None else f"{kind}+keys"
+        with_keys = vision_site or self._keys_ride_along
 
         def compute():
             self._cls_buffer = [] if self.plan.need_cls else None
-            self._keys_buffer = [] if vision_site else None
+            self._keys_buffer = [] if with_keys else None
             try:
                 out = orig(*args, **kwargs)
                 cls = torch.cat(self._cls_buffer, 0) if self._cls_buffer else None
+                keys = torch.cat(self._keys_buffer, 0) if self._keys_buffer else None
                 if vision_site:
-                    return out, (cls, torch.cat(self._keys_buffer, 0) if self._keys_buffer else None)
+                    return out, (cls, keys)
+                if with_keys and keys is not None:  # stored for later pre-projector contexts too
+                    return out, cls, {f"{kind}+keys": (cls, keys)}
                 return out, cls
             finally:
                 self._cls_buffer = self._keys_buffer = None
@@ -146,11 +150,18 @@ class SignalCapture:
         if self._keys_buffer is not None:
             self._keys_buffer.append(key.detach().float().mean(1))
 
+    @property
+    def _keys_ride_along(self) -> bool:
+        """Whether a tower pass that captures the [CLS] row for the vision cache captures the keys too,
+        so that a later context with a stage before the projector finds both in the cache."""
+        return (self.vision_cache is not None and self.plan.need_cls and not self.plan.mean_attention
+                and not self.plan.vision_site and self.adapter.vision_site_unsupported() is None)
+
     def vision_callback(self):
         """The attention-wrapper callback for the vision tower: [CLS] row or mean attention, and the
-        keys for a stage at ``site="vision"``."""
+        keys for a stage at ``site="vision"`` (or riding along, see :attr:`_keys_ride_along`)."""
         attention = self.capture_mean if self.plan.mean_attention else self.capture_cls
-        if not self.plan.vision_site:
+        if not self.plan.vision_site and not self._keys_ride_along:
             return attention
 
         def both(module, query, key, attention_mask, kwargs):

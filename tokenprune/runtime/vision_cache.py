@@ -211,12 +211,13 @@ class VisionCache:
         if entry is not None:
             self.nbytes -= entry.nbytes
 
-    def _store(self, key, arguments: dict, output, signal_kind, signal, ms: float) -> None:
+    def _store(self, key, arguments: dict, output, signals: dict, ms: float) -> None:
         inputs = {n: (v, v._version) for n, v in arguments.items() if isinstance(v, torch.Tensor)}
         entry = _Entry(inputs=inputs, output=output, compute_ms={None: ms})
-        if signal_kind is not None and signal is not None:
-            entry.signals[signal_kind] = signal
-            entry.compute_ms[signal_kind] = ms
+        for kind, value in signals.items():
+            if value is not None:
+                entry.signals[kind] = value
+                entry.compute_ms[kind] = ms
         entry.nbytes = _nbytes((output, [t for t, _ in inputs.values()], list(entry.signals.values())))
         self._drop(key)
         if entry.nbytes > self.max_bytes:
@@ -237,7 +238,9 @@ class VisionCache:
             The call's arguments by name, defaults filled in (``bind_arguments(..., defaults=True)``).
         compute : callable
             ``compute() -> (output, signal or None)``: runs the call (with the capture of
-            ``signal_kind`` on, if one is asked for).
+            ``signal_kind`` on, if one is asked for); or ``(output, signal, also)`` where ``also`` maps
+            further signal kinds the same pass captured to their values (stored too, so a later
+            context that needs one of them does not run the tower again).
         signal_kind : {None, "cls", "mean"}
             The vision signal the caller needs along with the output.
 
@@ -255,17 +258,21 @@ class VisionCache:
             return copy.copy(entry.output), entry.signals.get(signal_kind) if signal_kind else None
         self.misses += 1
         t0 = time.perf_counter()
-        output, signal = compute()
+        output, signal, *rest = compute()
         ms = (time.perf_counter() - t0) * 1e3
         self.compute_ms += ms
-        if entry is not None:  # the output was cached, the signal was not: add it
-            if signal is not None:
-                entry.signals[signal_kind] = signal
-                entry.compute_ms[signal_kind] = ms
-                entry.nbytes += _nbytes(signal)
-                self.nbytes += _nbytes(signal)
+        signals = dict(rest[0]) if rest else {}
+        if signal_kind is not None and signal is not None:
+            signals[signal_kind] = signal
+        if entry is not None:  # the output was cached, the signal was not: add it (and what came along)
+            for kind, value in signals.items():
+                if kind not in entry.signals and value is not None:
+                    entry.signals[kind] = value
+                    entry.compute_ms[kind] = ms
+                    entry.nbytes += _nbytes(value)
+                    self.nbytes += _nbytes(value)
             return copy.copy(entry.output), signal
-        self._store(key, arguments, output, signal_kind, signal, ms)
+        self._store(key, arguments, output, signals, ms)
         return copy.copy(output), signal
 
     # -- unpruned calls ------------------------------------------------------------------------------
