@@ -59,7 +59,7 @@ extensions = [
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "screenshots"]
 root_doc = "index"
 default_role = "code"  # `x` is inline code, as in most numpy-style docstrings
 nitpicky = False
