@@ -145,8 +145,10 @@ def select(method, features, *, budget, relevance=None, mask=None, stage: int = 
     stage : int
         Which stage's selection core to run, for multi-stage methods (default: the first).
     **signals
-        ``text_embeddings`` ``[B, T, D]``, ``text_mask`` ``[B, T]``, ``grid`` ``(rows, cols)``, ``seed``,
-        or plugin signals.
+        ``text_embeddings`` ``[B, T, D]``, ``text_mask`` ``[B, T]``, ``text_relevance`` ``[B, T]`` (DART's
+        text pivots), ``grid`` ``(rows, cols)``, ``seed``, ``compute_dtype`` (``"float32"``, the default,
+        or ``"model"``: similarities in the features' own dtype), or plugin signals with leading dims
+        ``[B, N]`` (e.g. ``positions``, ``keys``, ``coords``).
 
     Returns
     -------

@@ -1,6 +1,7 @@
-"""DART's duplication criterion: keep pivot tokens, then the tokens least similar to them.
+"""A modular reading of DART's duplication rule: keep pivot tokens, then the tokens least similar to them.
 
-Used by the method ``"dart"`` (:mod:`tokenprune.methods.dart`).
+The method ``"dart"`` follows the official rule instead (:class:`~tokenprune.selectors.DART`); this
+criterion stays for compositions that want a modular, top-k-optimal version of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["PivotDissimilarity"]
 @criteria.register("pivot_dissimilarity")
 @dataclass(frozen=True, kw_only=True)
 class PivotDissimilarity(ModularCriterion):
-    """DART's duplication score: keep the pivots, then the tokens least similar to them.
+    """A modular reading of DART's duplication score: the pivots, then the tokens least similar to them.
 
     Pivots ``P`` are the ``num_pivots`` valid tokens with the largest relevance (DART: the L1 norm of
     the tokens' keys at layer ``K - 1``, ``relevance="key_norm"``). Every other token scores its
@@ -53,11 +54,12 @@ class PivotDissimilarity(ModularCriterion):
     Tags: modular, monotone (scores are non-negative), submodular; requires ``relevance``.
     ``O(B N |P| D)``.
 
-    What the paper leaves open and what we chose: DART's reference code takes 4 image pivots and 4
-    text pivots, splits the budget evenly across them, and lets each pivot take its ``K / |P|``
-    least-similar tokens in turn (a union). The selection core sees only the visual tokens, so we use
-    image pivots only and one ranking by the dissimilarity to the nearest pivot; this keeps the
-    defining rule (drop tokens that duplicate a pivot) and makes the criterion modular.
+    Not DART's official rule: the official code takes 4 image pivots and 4 text pivots, splits the
+    budget evenly across them, and lets each pivot take its ``K / |P|`` least-similar tokens in turn (a
+    union); that is the selector :class:`~tokenprune.selectors.DART`, which the method ``"dart"`` uses.
+    This criterion uses image pivots only and one ranking by the dissimilarity to the nearest pivot,
+    which keeps the defining idea (drop tokens that duplicate a pivot) and makes it modular (kept
+    sets against the official rule: Jaccard about 0.35).
 
     References
     ----------
