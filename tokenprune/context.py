@@ -163,6 +163,26 @@ def _rows_finite(x: torch.Tensor, mask: torch.Tensor) -> bool:
     return bool(torch.isfinite(sums).logical_or_(~mask).all())
 
 
+def _scores(name: str, t: torch.Tensor, dims: str, mask: torch.Tensor, where: str) -> torch.Tensor:
+    """A per-token score tensor checked against ``mask`` (``[B, N]`` or ``[B, T]``): float32 on the mask's
+    device, 0 where the mask is False.
+
+    Raises
+    ------
+    InvalidFeaturesError
+        Not a float tensor, or NaN / inf where the mask is True.
+    ShapeError
+        A shape other than the mask's.
+    """
+    _check_float(name, t)
+    if tuple(t.shape) != tuple(mask.shape):
+        raise ShapeError(f"{name} must be {dims} = {tuple(mask.shape)}, got {tuple(t.shape)}")
+    t = t.to(mask.device).float().masked_fill(~mask, 0.0)
+    if not torch.isfinite(t).all():
+        raise InvalidFeaturesError(f"{name} contains NaN or inf at {where}")
+    return t
+
+
 def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
                  relevance: torch.Tensor | None = None, text_embeddings: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None, text_relevance: torch.Tensor | None = None, grid=None,
@@ -239,12 +259,7 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
     if not _rows_finite(features, mask):
         raise InvalidFeaturesError("features contain NaN or inf at valid positions")
     if relevance is not None:
-        _check_float("relevance", relevance)
-        if tuple(relevance.shape) != (B, N):
-            raise ShapeError(f"relevance must be [B, N] = {(B, N)}, got {tuple(relevance.shape)}")
-        relevance = relevance.to(features.device).float().masked_fill(~mask, 0.0)
-        if not torch.isfinite(relevance).all():
-            raise InvalidFeaturesError("relevance contains NaN or inf at valid positions")
+        relevance = _scores("relevance", relevance, "[B, N]", mask, "valid positions")
     if text_embeddings is not None:
         _check_float("text_embeddings", text_embeddings)
         if text_embeddings.dim() != 3 or text_embeddings.shape[0] != B or text_embeddings.shape[2] != D:
@@ -260,12 +275,7 @@ def make_context(features: torch.Tensor, *, mask: torch.Tensor | None = None,
             raise InvalidFeaturesError("text_embeddings contain NaN or inf")
         text_embeddings = text_embeddings.to(features.device)
         if text_relevance is not None:
-            _check_float("text_relevance", text_relevance)
-            if tuple(text_relevance.shape) != (B, T):
-                raise ShapeError(f"text_relevance must be [B, T] = {(B, T)}, got {tuple(text_relevance.shape)}")
-            text_relevance = text_relevance.to(features.device).float().masked_fill(~text_mask, 0.0)
-            if not torch.isfinite(text_relevance).all():
-                raise InvalidFeaturesError("text_relevance contains NaN or inf at valid text positions")
+            text_relevance = _scores("text_relevance", text_relevance, "[B, T]", text_mask, "valid text positions")
     elif text_mask is not None or text_relevance is not None:
         raise ShapeError("text_mask or text_relevance was given without text_embeddings")
     if grid is not None:

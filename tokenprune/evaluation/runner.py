@@ -251,24 +251,22 @@ class Evaluator:
         self.n_image_tokens = None
         self._bar = None
         self._seed = 0
-        if vision_cache is True:
-            vision_cache = VisionCache(max_bytes=self.cache_bytes)
-        elif vision_cache is False or vision_cache is None:
-            vision_cache = None
-        elif not isinstance(vision_cache, VisionCache):
-            raise ConfigError(f"vision_cache must be True, False or a VisionCache, got {type(vision_cache).__name__}")
-        self.vision_cache = vision_cache
-        if prefix_cache is True:
-            prefix_cache = PrefixCache(max_bytes=self.cache_bytes)
-        elif prefix_cache is False or prefix_cache is None:
-            prefix_cache = None
-        elif not isinstance(prefix_cache, PrefixCache):
-            raise ConfigError(f"prefix_cache must be True, False or a PrefixCache, got {type(prefix_cache).__name__}")
-        self.prefix_cache = prefix_cache
+        self.vision_cache = self._cache_option("vision_cache", vision_cache, VisionCache)
+        self.prefix_cache = self._cache_option("prefix_cache", prefix_cache, PrefixCache)
         self._prefix_depth = 0  # first layers the unpruned run records (set by run_all)
         if shard is not None and not isinstance(shard, Shard):
             raise ConfigError(f"shard must be a tokenprune.evaluation.distributed.Shard, got {type(shard).__name__}")
         self.shard = SINGLE if shard is None else shard
+
+    def _cache_option(self, name: str, value, cls):
+        """``True``: a new ``cls`` bounded by ``cache_bytes``; ``False``/``None``: none; an instance as given."""
+        if value is True:
+            return cls(max_bytes=self.cache_bytes)
+        if value is False or value is None:
+            return None
+        if not isinstance(value, cls):
+            raise ConfigError(f"{name} must be True, False or a {cls.__name__}, got {type(value).__name__}")
+        return value
 
     # -- data -------------------------------------------------------------------------------------
     @property

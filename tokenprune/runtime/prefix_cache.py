@@ -12,7 +12,6 @@ computing it again (``tokenprune.prune(..., prefix_cache=cache)``).
 from __future__ import annotations
 
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ import torch
 from ..errors import TokenPruneError
 from . import attention as attn
 from .hookset import HookSet
-from .vision_cache import _fingerprint
+from .vision_cache import ModelKeys, _fingerprint
 
 
 def _same(a, b) -> bool:
@@ -110,7 +109,7 @@ class PrefixCache:
             raise TokenPruneError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: "OrderedDict[tuple, list]" = OrderedDict()
-        self._models: dict = {}
+        self._models = ModelKeys()
         self.nbytes = 0
         self.hits = 0          # prefills whose shared layers were replayed
         self.misses = 0        # prefills that computed and recorded them
@@ -131,15 +130,12 @@ class PrefixCache:
         self.nbytes = 0
 
     def _model_key(self, model) -> tuple:
-        ref = self._models.get(id(model))
-        if ref is None or ref() is not model:  # a new model (maybe at a dead one's address)
-            for k in [k for k in self._entries if k[0] == id(model)]:
-                self._drop(k)
-            self._models[id(model)] = weakref.ref(model)
-        params = list(model.parameters())
-        first = params[0] if params else None
-        return (id(model), None if first is None else str(first.dtype), None if first is None else str(first.device),
-                sum(p._version for p in params))
+        return self._models.key(model, self._forget)
+
+    def _forget(self, model_id: int) -> None:
+        """Drop the entries of a dead model whose address ``model_id`` a new model now has."""
+        for k in [k for k in self._entries if k[0] == model_id]:
+            self._drop(k)
 
     def _drop(self, key) -> None:
         for e in self._entries.pop(key, []):
@@ -147,7 +143,7 @@ class PrefixCache:
 
     def _store(self, key, entry: _Entry) -> None:
         entry.nbytes = _nbytes(entry.hidden) + sum(
-            _nbytes(*(_output_tensors(la.output)), la.keys, la.values, la.query) for la in entry.layers)
+            _nbytes(*(_output_tensors(la.output)), la.keys, la.values, la.query, la.attn_key) for la in entry.layers)
         if entry.nbytes > self.max_bytes:
             return
         self._entries.setdefault(key, []).append(entry)
@@ -208,9 +204,8 @@ class PrefixCache:
         ``in_prefill()`` says whether the current top-level call is a prefill of the context.
         """
         run = _PrefixRun(self, adapter, depth)
-        for li in range(depth):
-            hooks.wrap_method(adapter.layers[li], "forward", run.layer(li, in_prefill))
-            module = adapter.attention_module(li)
+        for li, (layer, module) in enumerate(zip(run.layers, run.attention_modules)):
+            hooks.wrap_method(layer, "forward", run.layer(li, in_prefill))
             hooks.switch_attention(module.config)
             hooks.capture_attention(module, run.attention(li, attn._TARGETS.get(id(module))))
 
@@ -224,10 +219,11 @@ def _output_tensors(output):
 
 
 def _copy_output(output):
+    """A detached copy of a layer's output (a tensor, or a tuple holding tensors)."""
     if isinstance(output, torch.Tensor):
-        return output.clone()
+        return output.detach().clone()
     if isinstance(output, tuple):
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+        return tuple(o.detach().clone() if isinstance(o, torch.Tensor) else o for o in output)
     return output
 
 
@@ -246,6 +242,8 @@ class _PrefixRun:
 
     def __init__(self, cache: PrefixCache, adapter, depth: int):
         self.cache, self.adapter, self.depth = cache, adapter, depth
+        self.layers = adapter.layers[:depth]  # resolved once: the wrappers run on every layer call
+        self.attention_modules = [adapter.attention_module(li) for li in range(depth)]
         self.mode = None      # None (not sharing this call), "record" or "replay"
         self.entry = None
         self.key = None
@@ -253,14 +251,13 @@ class _PrefixRun:
 
     def layer(self, li: int, in_prefill):
         def around(original, args, kwargs):
-            module = self.adapter.layers[li]
             hidden = args[0] if args else kwargs.get("hidden_states")
             if li == 0:
                 self.mode = None
-                if in_prefill() and not module.training and isinstance(hidden, torch.Tensor):
+                if in_prefill() and not self.layers[0].training and isinstance(hidden, torch.Tensor):
                     self._start(hidden, kwargs)
             if self.mode == "replay":
-                return self._replay(li, module, kwargs)
+                return self._replay(li, kwargs)
             if self.mode != "record":
                 return original(*args, **kwargs)
             t0 = time.perf_counter()
@@ -296,7 +293,7 @@ class _PrefixRun:
         kv = _cache_layer(self.adapter.kv_cache(kwargs), li)
         q = self.pending.pop(li, None)
         self.entry.layers.append(_Layer(
-            output=_copy_output(out) if not isinstance(out, torch.Tensor) else out.detach().clone(),
+            output=_copy_output(out),
             keys=None if kv is None else kv[0].detach().clone(), values=None if kv is None else kv[1].detach().clone(),
             query=None if q is None else q[0].clone(), attn_key=None if q is None else q[1].clone(),
             attn_mask=None if q is None else q[2], attn_kwargs={} if q is None else q[3], ms=ms))
@@ -305,12 +302,12 @@ class _PrefixRun:
             self.cache._store(self.key, self.entry)
             self.mode, self.entry, self.key = None, None, None
 
-    def _replay(self, li: int, module, kwargs):
+    def _replay(self, li: int, kwargs):
         rec = self.entry.layers[li]
         cache = self.adapter.kv_cache(kwargs)
         if cache is not None and rec.keys is not None:
             cache.update(rec.keys, rec.values, li)
-        attn_module = self.adapter.attention_module(li)
+        attn_module = self.attention_modules[li]
         capture = attn._TARGETS.get(id(attn_module))
         if capture is not None and rec.query is not None:
             capture(attn_module, rec.query, rec.attn_key, rec.attn_mask, dict(rec.attn_kwargs))

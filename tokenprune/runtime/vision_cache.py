@@ -76,6 +76,32 @@ def _fingerprint(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+class ModelKeys:
+    """The part of a cache key that names a model: its identity (while it is alive), the dtype and
+    device of its parameters and the sum of their in-place version counters (a weight update changes it).
+
+    Shared by :class:`VisionCache` and :class:`~tokenprune.PrefixCache`. A model seen at the address of
+    a dead one is a new model: ``forget(id(model))`` is called so the cache drops the dead one's entries.
+    """
+
+    def __init__(self):
+        self._refs: dict = {}  # id(model) -> weakref, to tell a dead model's id from a new one's
+
+    def clear(self) -> None:
+        self._refs.clear()
+
+    def key(self, model, forget) -> tuple:
+        """``(id, dtype, device, parameter versions)`` of ``model``."""
+        ref = self._refs.get(id(model))
+        if ref is None or ref() is not model:
+            forget(id(model))
+            self._refs[id(model)] = weakref.ref(model)
+        params = list(model.parameters())
+        first = params[0] if params else None
+        return (id(model), None if first is None else str(first.dtype), None if first is None else str(first.device),
+                sum(p._version for p in params))
+
+
 @dataclass
 class _Entry:
     """One cached ``get_image_features`` call."""
@@ -142,7 +168,7 @@ class VisionCache:
             raise TokenPruneError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
-        self._models: dict = {}  # id(model) -> weakref, to tell a dead model's id from a new one's
+        self._models = ModelKeys()
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -162,16 +188,12 @@ class VisionCache:
         self.nbytes = 0
 
     def _model_key(self, model) -> tuple:
-        ref = self._models.get(id(model))
-        if ref is None or ref() is not model:
-            # a new model, or a new one at a dead one's address: forget the dead one's entries
-            self._entries = OrderedDict((k, e) for k, e in self._entries.items() if k[0] != id(model))
-            self.nbytes = sum(e.nbytes for e in self._entries.values())
-            self._models[id(model)] = weakref.ref(model)
-        params = list(model.parameters())
-        first = params[0] if params else None
-        return (id(model), None if first is None else str(first.dtype), None if first is None else str(first.device),
-                sum(p._version for p in params))
+        return self._models.key(model, self._forget)
+
+    def _forget(self, model_id: int) -> None:
+        """Drop the entries of a dead model whose address ``model_id`` a new model now has."""
+        self._entries = OrderedDict((k, e) for k, e in self._entries.items() if k[0] != model_id)
+        self.nbytes = sum(e.nbytes for e in self._entries.values())
 
     def key(self, model, arguments: dict) -> tuple:
         """The lookup key of a ``get_image_features`` call of ``model`` with ``arguments`` (flattened, by name).
