@@ -74,7 +74,8 @@ class PrefixCache:
     ----------
     max_bytes : int
         Upper bound on the memory held (per layer and prompt batch: the output hidden states, the keys
-        and values written to the KV cache, the attention's queries; plus each batch's input), in bytes.
+        and values written to the KV cache, the queries and keys the attention saw; plus each batch's
+        input), in bytes.
         Least recently used batches are dropped first. Default 2 GiB.
 
     Notes
