@@ -211,12 +211,9 @@ class SignalCapture:
             last = valid_pos.amax(1, keepdim=True)
             return last.clamp_min(0), last >= 0
         vis = state.visual
-        is_vis = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
-        is_vis.scatter_(1, vis.pos.masked_fill(~vis.valid, L), True)
-        is_vis = is_vis[:, :L]
         first_vis = vis.pos.masked_fill(~vis.valid, L).amin(1, keepdim=True)
         ar = torch.arange(L, device=dev)[None]
-        text = state.cur_valid & ~is_vis & (ar > first_vis)  # text tokens that can see some visual token
+        text = state.text_tokens() & (ar > first_vis)  # text tokens that can see some visual token
         idx = true_positions(text)
         if idx.shape[1] == 0:  # no text after the image: fall back to the last token
             return self.rater_rows(state, "last_token")
@@ -427,9 +424,7 @@ class SignalCapture:
             raise StageError(f"no attention was captured at layer {layer_idx - 1} for stage {index}")
         if self.plan.needs_text_embeddings(index, stage):
             L = state.cur_len
-            is_vis = torch.zeros(state.batch_size, L + 1, dtype=torch.bool, device=hs.device)
-            is_vis.scatter_(1, vis.pos.masked_fill(~vis.valid, L), True)
-            text = state.cur_valid & ~is_vis[:, :L]
+            text = state.text_tokens()
             if stage.text_tokens == "after_image":
                 last_vis = vis.pos.masked_fill(~vis.valid, -1).amax(1, keepdim=True)
                 text &= torch.arange(L, device=hs.device)[None] > last_vis

@@ -213,6 +213,13 @@ class PromptState:
             return self.llm_mask.bool()
         return torch.ones(self.batch_size, self.llm_len, dtype=torch.bool, device=self.llm_pos.device)
 
+    def text_tokens(self) -> torch.Tensor:
+        """bool ``[B, cur_len]``: the real tokens of the current sequence that are not visual tokens."""
+        L, vis = self.cur_len, self.visual
+        is_vis = torch.zeros(self.batch_size, L + 1, dtype=torch.bool, device=self.cur_valid.device)
+        is_vis.scatter_(1, vis.pos.masked_fill(~vis.valid, L), True)
+        return self.cur_valid & ~is_vis[:, :L]
+
     def llm_mask_like(self, am: torch.Tensor) -> torch.Tensor:
         """The LLM-entry 2-D mask in the dtype and device of ``am`` (all ones when none was passed)."""
         if self.llm_mask is not None:
