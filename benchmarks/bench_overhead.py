@@ -11,15 +11,18 @@ logits_to_keep=1)``, vision tower included) of:
 * every registered method at ``--budget`` (default 22 of the testbed's 196 tokens).
 
 Method: ``torch.set_num_threads(--threads)`` (default 1), one warm-up pass over all configurations,
-then ``--rounds`` rounds in round-robin order rotated by one each round, so machine-load drift hits
-all configurations alike; medians of thread CPU time (``time.thread_time``, the latency on an idle
-core with one thread) and of wall time. The keep-all overhead is ``median(keep-all) /
-median(unpruned) - 1``, measured side by side in the same run.
+then ``--rounds`` rounds (``--rounds-batch1`` at batch 1, where a millisecond is a few percent) in
+round-robin order rotated by one each round, so machine-load drift hits all configurations alike;
+medians of thread CPU time (``time.thread_time``, the latency on an idle core with one thread) and
+of wall time. The keep-all overhead is ``median(keep-all) - median(unpruned)``, in milliseconds
+and relative, measured side by side in the same run; less the selection time the report gives
+(``select_ms``: building the selector's context and selecting, the method's own work) it is the
+runtime's overhead outside selection.
 
-Where the runtime's time goes: ``cProfile`` over ``--profile-runs`` keep-all prefills (a quarter of
-them, at least 3, above batch 1),
-the time spent inside ``tokenprune.runtime`` modules (own time, ``tottime``) per module, per
-prefill, and the selection time the report gives (``select_ms``).
+Where the runtime's time goes (:class:`PhaseTimer`): ``--profile-runs`` keep-all prefills (a quarter
+of them, at least 3, above batch 1) with the runtime's functions timed by phase (visual tokens and
+layout, signal capture, input rewrite, stage bookkeeping, selection, layer gathers, report),
+exclusive wall time per prefill, the model's own work left out.
 
 Models: ``testbed`` (the bundled checkpoint, 196 visual tokens) and ``llava-tiny`` (bench_e2e's
 ``tiny`` LLaVA-1.5-shaped random model, 64 visual tokens); ``llava-cpu`` (the 173 M-parameter
@@ -34,9 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -96,20 +97,107 @@ def prefill(model, inputs, method):
             return time.thread_time() - t0, time.perf_counter() - w0, report.select_ms
 
 
+#: ``(module, class or None, attribute, phase)``: the runtime functions the phase profile times. A
+#: function's time, less the time of the timed functions and model modules it calls, goes to its phase.
+PHASES = [
+    ("tokenprune.runtime.session", "PruneSession", "_outer_pre", "visual tokens and layout"),
+    ("tokenprune.runtime.prefill", "PrefillRewriter", "__call__", "visual tokens and layout"),
+    ("tokenprune.runtime.prefill", "PrefillRewriter", "_apply_pre_stage", "input rewrite"),
+    ("tokenprune.runtime.prefill", "PrefillRewriter", "_apply_vision_stage", "input rewrite"),
+    ("tokenprune.runtime.prefill", "PrefillRewriter", "_rewrite", "input rewrite"),
+    ("tokenprune.runtime.signals", "SignalCapture", "on_image_features", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "capture_cls", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "capture_mean", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "capture_keys", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "capture_text", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "capture_own_attention", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "before_llm", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "in_llm", "signal capture"),
+    ("tokenprune.runtime.stage_select", "StageSelection", "__call__", "stage bookkeeping"),
+    ("tokenprune.runtime.vision_stage", "VisionSiteSelection", "__call__", "stage bookkeeping"),
+    ("tokenprune.runtime.stage_select", None, "make_context", "selection (context and selector)"),
+    ("tokenprune.selectors.base", "Selector", "select", "selection (context and selector)"),
+    ("tokenprune.runtime.layers", "LayerSurgery", "prefill", "layer gathers"),
+    ("tokenprune.runtime.layers", "LayerSurgery", "_apply_stage", "layer gathers"),
+    ("tokenprune.runtime.session", "PruneSession", "_outer_post", "report"),
+]
+
+
+class PhaseTimer:
+    """Exclusive wall time per phase of the runtime's functions (see :data:`PHASES`).
+
+    Each timed function pushes its phase; time is charged to the phase on top of the stack, so a
+    phase's time excludes the timed functions it calls. The model's own modules met inside (the
+    vision tower and projector that ``get_image_features`` runs inside the prefill hook) push
+    ``"model"``, which is left out. Wrapping costs about a microsecond per call.
+    """
+
+    def __init__(self, model):
+        self.totals: dict = {}
+        self._stack: list = []
+        self._last = 0.0
+        self._restore: list = []
+        self._handles: list = []
+        self._model = model
+
+    def _switch(self, phase):
+        now = time.perf_counter()
+        if self._stack:
+            top = self._stack[-1]
+            self.totals[top] = self.totals.get(top, 0.0) + now - self._last
+        self._last = now
+        if phase is None:
+            self._stack.pop()
+        else:
+            self._stack.append(phase)
+
+    def _wrap(self, fn, phase):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._switch(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._switch(None)
+        return timed
+
+    def __enter__(self):
+        import importlib
+
+        for module, cls, attr, phase in PHASES:
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            fn = owner.__dict__[attr] if cls else getattr(owner, attr)
+            self._restore.append((owner, attr, fn))
+            setattr(owner, attr, self._wrap(fn, phase))
+        from tokenprune.adapters import get_model_adapter
+
+        adapter = get_model_adapter(self._model)
+        for mod in (adapter.vision_tower, getattr(adapter.base, "multi_modal_projector", None)):
+            if mod is not None:
+                self._handles.append(mod.register_forward_pre_hook(lambda *a: self._switch("model")))
+                self._handles.append(mod.register_forward_hook(lambda *a: self._switch(None)))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, fn in reversed(self._restore):
+            setattr(owner, attr, fn)
+        for h in self._handles:
+            h.remove()
+
+
 def runtime_profile(model, inputs, method, runs: int) -> dict:
-    """Own time (``tottime``) per ``tokenprune.runtime`` module, ms per prefill, over ``runs`` prefills."""
-    prof = cProfile.Profile()
-    with torch.no_grad(), tp.prune(model, method):
-        prof.enable()
+    """Exclusive wall time per runtime phase, ms per prefill, over ``runs`` prefills (after one
+    untimed prefill); the model's own work (``"model"``) is left out."""
+    with PhaseTimer(model) as timer, torch.no_grad(), tp.prune(model, method):
+        model(**inputs, logits_to_keep=1)
+        timer.totals.clear()
         for _ in range(runs):
             model(**inputs, logits_to_keep=1)
-        prof.disable()
-    per_module: dict = {}
-    for (path, _, _), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
-        if "tokenprune" in path and "runtime" in path:
-            name = Path(path).stem
-            per_module[name] = per_module.get(name, 0.0) + tottime * 1e3 / runs
-    return dict(sorted(per_module.items(), key=lambda kv: -kv[1]))
+    timer.totals.pop("model", None)
+    return {k: v * 1e3 / runs for k, v in sorted(timer.totals.items(), key=lambda kv: -kv[1])}
 
 
 def run(model_name: str, batch: int, args) -> dict:
@@ -122,7 +210,8 @@ def run(model_name: str, batch: int, args) -> dict:
     samples = {label: [] for label, _ in configs}
     for label, method in configs:  # warm-up
         prefill(model, inputs, method)
-    for r in range(args.rounds):
+    rounds = args.rounds_batch1 if batch == 1 else args.rounds
+    for r in range(rounds):
         k = r % len(configs)
         for label, method in configs[k:] + configs[:k]:
             samples[label].append(prefill(model, inputs, method))
@@ -130,13 +219,17 @@ def run(model_name: str, batch: int, args) -> dict:
     rows = []
     for label, _ in configs:
         cpu = statistics.median(s[0] for s in samples[label])
-        rows.append({"config": label, "cpu_ms": round(cpu * 1e3, 2),
-                     "wall_ms": round(statistics.median(s[1] for s in samples[label]) * 1e3, 2),
-                     "select_ms": round(statistics.median(s[2] for s in samples[label]), 3),
-                     "vs_unpruned": round(cpu / base, 4)})
-    out = {"model": model_name, "batch": batch, "visual_tokens": n_visual, "rounds": args.rounds, "rows": rows}
+        select = statistics.median(s[2] for s in samples[label])
+        row = {"config": label, "cpu_ms": round(cpu * 1e3, 2),
+               "wall_ms": round(statistics.median(s[1] for s in samples[label]) * 1e3, 2),
+               "select_ms": round(select, 3), "vs_unpruned": round(cpu / base, 4)}
+        if label.startswith("keep-all"):
+            row["overhead_ms"] = round((cpu - base) * 1e3, 3)
+            row["overhead_outside_selection_ms"] = round((cpu - base) * 1e3 - select, 3)
+        rows.append(row)
+    out = {"model": model_name, "batch": batch, "visual_tokens": n_visual, "rounds": rounds, "rows": rows}
     runs = args.profile_runs if batch == 1 else max(3, args.profile_runs // 4)
-    out["runtime_ms_by_module"] = {
+    out["runtime_ms_by_phase"] = {
         label: {k: round(v, 3) for k, v in runtime_profile(model, inputs, method, runs).items()}
         for label, method in configs[1:3]}
     return out
@@ -150,10 +243,14 @@ def show(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['config']:28s} {r['cpu_ms']:10.2f} {r['wall_ms']:10.2f} {r['select_ms']:10.3f} "
                      f"{r['vs_unpruned']:12.4f}")
-    for label, mods in result.get("runtime_ms_by_module", {}).items():
-        total = sum(mods.values())
-        lines.append(f"  runtime own time, {label}: {total:.3f} ms per prefill: "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in mods.items()))
+    for r in result["rows"]:
+        if "overhead_ms" in r:
+            lines.append(f"  {r['config']}: {r['overhead_ms']:+.3f} ms against unpruned, "
+                         f"{r['overhead_outside_selection_ms']:+.3f} ms outside selection")
+    for label, phases in result.get("runtime_ms_by_phase", {}).items():
+        total = sum(phases.values())
+        lines.append(f"  runtime phases, {label}: {total:.3f} ms per prefill: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     return "\n".join(lines)
 
 
@@ -162,7 +259,8 @@ def main(argv=None) -> list:
     p.add_argument("--models", default="testbed,llava-tiny", help="testbed, llava-tiny, llava-cpu (comma-separated)")
     p.add_argument("--batches", default="1,32", help="batch sizes (comma-separated)")
     p.add_argument("--budget", type=int, default=22, help="budget of the registered methods (default 22)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds above batch 1 (default 5)")
+    p.add_argument("--rounds-batch1", type=int, default=40, help="timed rounds at batch 1 (default 40)")
     p.add_argument("--profile-runs", type=int, default=20, help="keep-all prefills profiled at batch 1 "
                    "(a quarter above batch 1)")
     p.add_argument("--threads", type=int, default=1)

@@ -9,7 +9,7 @@ as an edge to that package.
 
 Layers, bottom to top (a module may import its own layer and the layers below it):
 
-0. ground: ``_version``, ``errors``, ``budget``, ``selection``, ``context``, ``registry``;
+0. ground: ``_version``, ``_signature``, ``errors``, ``budget``, ``selection``, ``context``, ``registry``;
 1. ``criteria``: set functions over tokens, and the greedy loop kernels their fast paths share
    with the selectors (``criteria/_loops.py``);
 2. ``selectors``: optimisers of a criterion under a budget;
@@ -41,7 +41,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: Layers, bottom to top: first component under the package -> rank ("" is the package root).
 LAYERS = [
-    ("ground", {"_version", "errors", "budget", "selection", "context", "registry"}),
+    ("ground", {"_version", "_signature", "errors", "budget", "selection", "context", "registry"}),
     ("criteria", {"criteria"}),
     ("selectors", {"selectors"}),
     ("methods", {"methods"}),

@@ -11,13 +11,14 @@ tower's [CLS] attention is.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from .._signature import signature
 from ..errors import UnsupportedModelError
 
 
@@ -111,8 +112,13 @@ class TokenLayout:
     grids: list | None = None
 
 
+@functools.lru_cache(maxsize=512)
 def raster_coords(image: int, crop: int, rows: int, cols: int) -> torch.Tensor:
-    """long ``[rows * cols, 4]``: ``(image, crop, row, col)`` in raster order."""
+    """long ``[rows * cols, 4]``: ``(image, crop, row, col)`` in raster order.
+
+    Computed once per argument tuple (every prefill asks for the same grids): the tensor returned is
+    shared, callers copy it (``torch.cat``, slice assignment) and never write into it.
+    """
     r = torch.arange(rows).repeat_interleave(cols)
     c = torch.arange(cols).repeat(rows)
     return torch.stack([torch.full_like(r, image), torch.full_like(r, crop), r, c], dim=1)
@@ -239,9 +245,10 @@ class ModelAdapter:
     def depth(self) -> int:
         return int(self.text_config.num_hidden_layers)
 
-    @property
+    @functools.cached_property
     def image_token_id(self) -> int:
-        """The id of the image placeholder token in ``input_ids`` (``image_token_id`` or ``image_token_index``)."""
+        """The id of the image placeholder token in ``input_ids`` (``image_token_id`` or ``image_token_index``;
+        read once per adapter: every prefill asks for it)."""
         cfg = self.config
         for key in ("image_token_id", "image_token_index"):
             v = getattr(cfg, key, None)
@@ -283,7 +290,7 @@ class ModelAdapter:
     # -- image features -------------------------------------------------------------------------
     def image_kwargs(self, kwargs: dict) -> dict:
         """The kwargs of ``get_image_features`` found in a forward's kwargs (as ``generate`` picks them)."""
-        params = inspect.signature(self.base.get_image_features).parameters
+        params = signature(self.base.get_image_features).parameters
         return {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
 
     def flatten_features(self, pooler_output) -> torch.Tensor:
@@ -537,7 +544,7 @@ class ModelAdapter:
     def rotary(self, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor):
         """``(cos, sin)`` for ``position_ids`` as decoder layer ``layer_idx`` expects them."""
         rot = self.text_model.rotary_emb
-        if "layer_type" in inspect.signature(rot.forward).parameters:
+        if "layer_type" in signature(rot.forward).parameters:
             types = getattr(self.text_config, "layer_types", None)
             return rot(hidden, position_ids, types[layer_idx] if types else None)
         return rot(hidden, position_ids)

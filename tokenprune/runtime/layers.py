@@ -92,10 +92,13 @@ class LayerSurgery(StagePart):
             positions = gather(positions_from_mask(state.cur_valid), vis.pos, 1, 0)
         keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, layer_idx,
                                      text_relevance=text_rel, positions=positions)
-        # kept positions in the current sequence
         B, L = state.batch_size, state.cur_len
-        keep_tok = torch.ones(B, L + 1, dtype=torch.bool, device=hs.device)
         drop = vis.valid & ~keep_vis
+        if repl is None and not bool(drop.any()):  # every visual token kept: the sequence stays as it is
+            self._positions_after(stage, state, None)
+            return hs
+        # kept positions in the current sequence
+        keep_tok = torch.ones(B, L + 1, dtype=torch.bool, device=hs.device)
         keep_tok.scatter_(1, vis.pos.masked_fill(~drop, L), False)
         keep_tok = keep_tok[:, :L]
         lens = keep_tok.sum(1)
@@ -120,16 +123,22 @@ class LayerSurgery(StagePart):
             state.cur_valid = torch.gather(state.cur_valid, 1, rel)
             state.dropped_tokens = True
         state.cur_len = Lp
+        self._positions_after(stage, state, rel)
+        return hs
+
+    def _positions_after(self, stage, state: PromptState, rel) -> None:
+        """The positions the layers after a stage use: compacted (``positions="compact"``), or the
+        compacted ones of an earlier stage for the kept tokens ``rel`` (long ``[B, cur_len]`` indices
+        into the sequence before the stage; ``None``: it kept everything)."""
         if stage.positions == "compact" and not self.adapter.mrope:
             new_pos = positions_from_mask(state.cur_valid)
             llm_last = state.llm_pos.masked_fill(~state.llm_valid(), -1).amax(1)
             state.group_pos = new_pos
             state.group_shift = llm_last - new_pos.masked_fill(~state.cur_valid, -1).amax(1)
-        elif state.group_pos is not None:
+        elif state.group_pos is not None and rel is not None:
             state.group_pos = torch.gather(state.group_pos, 1, rel)
         if self.plan.compact_note and stage.positions == "compact":
             self.report.note(self.plan.compact_note)
-        return hs
 
     # -- decoding ---------------------------------------------------------------------------------
     def decode(self, layer_idx: int, state: PromptState, args, kwargs):

@@ -208,6 +208,7 @@ class Plan:
     def _choose_signals(self, adapter) -> None:
         """Resolve each stage's relevance source on this tower and decide what to capture."""
         self.relevance = {i: st.relevance for i, st in enumerate(self.method.stages)}
+        self._needs_text: dict = {}
         model_type = adapter.config.model_type
         for i, st in enumerate(self.method.stages):
             if st.relevance != "cls_attention" or adapter.has_cls:
@@ -323,7 +324,12 @@ class Plan:
                                             for i, st in enumerate(self.method.stages))
 
     def needs_text_embeddings(self, index: int, stage: Stage) -> bool:
-        """Whether stage ``index`` needs the prompt's text embeddings (relevance or its objective)."""
-        if self.relevance[index] == "text_similarity" or "text_embeddings" in stage.selector.signals:
-            return True
-        return stage.objective is not None and "text_embeddings" in stage.objective.tags.requires
+        """Whether stage ``index`` needs the prompt's text embeddings (relevance or its objective);
+        answered once per stage (an objective's tags walk its composition)."""
+        key = (index, id(stage))
+        cached = self._needs_text.get(key)
+        if cached is None:
+            cached = (self.relevance[index] == "text_similarity" or "text_embeddings" in stage.selector.signals
+                      or (stage.objective is not None and "text_embeddings" in stage.objective.tags.requires))
+            self._needs_text[key] = cached
+        return cached

@@ -97,13 +97,14 @@ class PrefillRewriter(StagePart):
 
         state = PromptState(batch_size=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"),
                             cache_in=ad.kv_cache(kw))
-        state.visual = self._initial_visual(img, layout, counts)
+        state.visual, flat_idx = self._initial_visual(img, layout, counts)
         self.report.visual_tokens = as_list(counts)
+        state.grid = self._single_grid(layout, self.report.visual_tokens)
         state.counts_after_pre = state.visual.counts()
         if self.plan.pre_stage is not None and self.plan.vision_site:
-            new = self._apply_vision_stage(state, kw, new, ids, img, flat, out, rec, layout)
+            new = self._apply_vision_stage(state, kw, new, ids, img, flat, flat_idx, out, rec, layout)
         elif self.plan.pre_stage is not None:
-            new = self._apply_pre_stage(state, kw, new, ids, img, flat, out, rec)
+            new = self._apply_pre_stage(state, kw, new, ids, img, flat, flat_idx, out, rec)
         pos = new.get("position_ids")
         if state.next_pos is None:
             p = max_rows(pos if pos is not None else ad.full_position_ids(kw, rec))
@@ -181,43 +182,50 @@ class PrefillRewriter(StagePart):
         return TokenLayout(coords=base.coords[idx], newline=base.newline[idx],
                            cls=None if base.cls is None else base.cls[idx], grids=base.grids)
 
-    def _initial_visual(self, img, layout, counts) -> VisualTokens:
-        """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores."""
+    def _initial_visual(self, img, layout, counts) -> tuple[VisualTokens, torch.Tensor]:
+        """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores;
+        and each one's row in the flattened image features (long ``[B, V]``, ``-1`` at padding)."""
         B = img.shape[0]
         dev = img.device
         pos = true_positions(img)
-        valid = pos >= 0
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        flat_idx = torch.where(valid, offsets[:, None] + torch.arange(pos.shape[1], device=dev)[None], -1)
-        flat_idx_c = flat_idx.clamp_min(0).cpu()
-        coords = layout.coords[flat_idx_c].to(dev)  # [B, V, 4]
-        coords = coords.masked_fill(~valid[..., None], -1)
-        # image index relative to the sample
+        V = pos.shape[1]
+        invalid = pos < 0
+        ar = torch.arange(V, device=dev)
+        # each visual token's row in the layout (every sample's tokens are consecutive rows)
+        flat_idx = ((counts.cumsum(0) - counts)[:, None] + ar).masked_fill_(invalid, -1)
+        rows = flat_idx.clamp_min(0).cpu()
+        coords = layout.coords[rows].to(dev).masked_fill_(invalid[..., None], -1)  # [B, V, 4]
+        # image index relative to the sample (padding and newline tokens have -1)
         img_col = coords[..., 0]
-        first = img_col.masked_fill((img_col < 0) | ~valid, 1 << 30).amin(1, keepdim=True)
-        coords[..., 0] = torch.where((img_col >= 0) & valid, img_col - first, img_col)
-        newline = layout.newline[flat_idx_c].to(dev) & valid
-        protected = newline & (self.plan.newlines == "keep")
-        dropped = newline & (self.plan.newlines == "drop")
-        cls = None if layout.cls is None else layout.cls[flat_idx_c].to(dev).masked_fill(~valid, 0.0)
-        orig = torch.where(valid, torch.arange(pos.shape[1], device=dev)[None].expand(B, -1), -1)
-        return VisualTokens(pos=pos.clamp_min(0), valid=valid, orig=orig, protected=protected, dropped=dropped,
-                            coords=coords, cls=cls)
+        known = img_col >= 0
+        first = img_col.masked_fill(~known, 1 << 30).amin(1, keepdim=True)
+        img_col.sub_(torch.where(known, first, 0))
+        if bool(layout.newline.any()):
+            newline = layout.newline[rows].to(dev) & ~invalid
+            protected = newline if self.plan.newlines == "keep" else torch.zeros_like(newline)
+            dropped = newline if self.plan.newlines == "drop" else torch.zeros_like(newline)
+        else:
+            protected = dropped = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        cls = None if layout.cls is None else layout.cls[rows].to(dev).masked_fill_(invalid, 0.0)
+        orig = ar.expand(B, -1).masked_fill(invalid, -1)
+        return VisualTokens(pos=pos.clamp_min(0), valid=~invalid, orig=orig, protected=protected, dropped=dropped,
+                            coords=coords, cls=cls), flat_idx
 
     @staticmethod
-    def _flat_index(vis) -> torch.Tensor:
-        """long ``[B, V]``: each visual token's row in the flattened image features (``-1`` at padding)."""
-        V = vis.pos.shape[1]
-        counts = vis.valid.sum(1)
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-        return torch.where(vis.valid, offsets[:, None] + torch.arange(V, device=vis.pos.device)[None], -1)
+    def _single_grid(layout, counts: list):
+        """``(rows, cols)`` when every sample's visual tokens are one whole image grid, the same for all
+        (one image of one crop per sample, no other tokens), else ``None`` (selectors then read the
+        ``coords`` signal)."""
+        grids = layout.grids
+        if not grids or len(grids) != len(counts) or any(len(g) != 1 or g[0] != grids[0][0] for g in grids):
+            return None
+        rows, cols = grids[0][0]
+        return (rows, cols) if all(n == rows * cols for n in counts) else None
 
-    def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec):
+    def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, flat_idx, out, rec):
         """Select before the LLM and shorten the call: ids, masks, per-token tensors, positions, features."""
         index, stage = self.plan.pre_stage
-        vis = state.visual
-        B = ids.shape[0]
-        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), self._flat_index(vis), 1, 0.0)  # [B, V, D]
+        feats = gather(flat.unsqueeze(0), flat_idx, 1, 0.0)  # [B, V, D]
         # per-crop scores over the vision tower's tokens -> the visual tokens, as the [CLS] attention (text_encoder)
         to_tokens = lambda s: self._layout(out.pooler_output, replace(rec, cls_attention=s), img.sum(1)).cls  # noqa: E731
         relevance, text_emb, text_mask = self.signals.before_llm(index, stage, state, ids, img, feats, kw,
@@ -225,13 +233,10 @@ class PrefillRewriter(StagePart):
         keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, None)
         return self._rewrite(state, kw, new, ids, img, feats, out, rec, keep_vis, repl, stage.positions)
 
-    def _apply_vision_stage(self, state: PromptState, kw, new, ids, img, flat, out, rec, layout):
+    def _apply_vision_stage(self, state: PromptState, kw, new, ids, img, flat, flat_idx, out, rec, layout):
         """A stage before the projector (``site="vision"``): select, merge and project per crop, then
         keep as many image placeholders per image as tokens it gave, at consecutive positions."""
-        vis = state.visual
-        B = ids.shape[0]
-        flat_idx = self._flat_index(vis)
-        feats = gather(flat.unsqueeze(0).expand(B, -1, -1), flat_idx, 1, 0.0)  # [B, V, D]
+        feats = gather(flat.unsqueeze(0), flat_idx, 1, 0.0)  # [B, V, D]
         keep_vis, repl, coords, orig = self._vision(state, layout, flat_idx, rec)
         if repl is not None:
             repl = (repl[0].to(feats.device), repl[1].to(feats.device))
@@ -254,6 +259,9 @@ class PrefillRewriter(StagePart):
         dev = ids.device
 
         ad.check_pre_llm(as_list(keep_vis.sum(1)))
+        if repl is None and not bool((keep_vis != vis.valid).any()):
+            state.pre_changed = False  # every visual token kept: the call and the visual tokens stay as they are
+            return new
         kept_img = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
         kept_img.scatter_(1, vis.pos.masked_fill(~keep_vis, L), True)  # dropped and padding: extra column
         keep_tok = ~img | kept_img[:, :L]
@@ -267,6 +275,8 @@ class PrefillRewriter(StagePart):
             idx = torch.where(src >= 0, idx.gather(1, src.clamp_min(0)), -1)
         changed = Lp != L or bool((idx < 0).any()) or repl is not None
         state.pre_changed = changed
+        if not changed:  # every token kept where it was: the call and the visual tokens stay as they are
+            return new
         kept_flat = self._kept_features(feats, keep_vis, repl)
         # the visual tokens in the new sequence: old position -> new position
         newpos_of_old = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
@@ -274,8 +284,6 @@ class PrefillRewriter(StagePart):
         newpos_of_old = newpos_of_old[:, :L]
         state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
         state.counts_after_pre = state.visual.counts()
-        if not changed:
-            return new
 
         new["input_ids"] = gather(ids, idx, 1, ad.pad_token_id)
         if am is not None or bool((idx < 0).any()):

@@ -35,7 +35,9 @@ class StageReport:
         Protected visual tokens per sample (kept without counting against the budget).
     kept : list of torch.Tensor
         Per sample, long ``[k]``: kept visual tokens as indices into the sample's *original* visual
-        tokens (``0 .. N-1`` in prompt order), ascending.
+        tokens (``0 .. N-1`` in prompt order), ascending. ``kept``, ``coords`` and ``scores`` are
+        CPU tensors built on first access from what the stage saw (a prefill that nobody reports on
+        does not pay for them).
     coords : list of torch.Tensor
         Per sample, long ``[k, 4]``: ``(image, crop, row, col)`` of each kept token in the original patch
         grid (see :class:`tokenprune.adapters.ModelAdapter` for each family's crops); ``-1`` where a
@@ -55,10 +57,28 @@ class StageReport:
     tokens_before: list = field(default_factory=list)
     tokens_after: list = field(default_factory=list)
     protected: list = field(default_factory=list)
-    kept: list = field(default_factory=list, repr=False)
-    coords: list = field(default_factory=list, repr=False)
-    scores: list = field(default_factory=list, repr=False)
     select_ms: float = 0.0
+    #: ``(kept, coords, scores)``, or a function of no arguments that returns them (built on first access).
+    per_sample: object = field(default=None, repr=False, compare=False)
+
+    def _per_sample_lists(self) -> tuple:
+        if self.per_sample is None:
+            self.per_sample = ([], [], [])
+        elif callable(self.per_sample):
+            self.per_sample = tuple(self.per_sample())
+        return self.per_sample
+
+    @property
+    def kept(self) -> list:
+        return self._per_sample_lists()[0]
+
+    @property
+    def coords(self) -> list:
+        return self._per_sample_lists()[1]
+
+    @property
+    def scores(self) -> list:
+        return self._per_sample_lists()[2]
 
     @property
     def where(self) -> str:

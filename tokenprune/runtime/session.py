@@ -29,10 +29,10 @@ to map tokens to patches, and because the vision tower's [CLS] attention is capt
 
 from __future__ import annotations
 
-import inspect
 import warnings
 import weakref
 
+from .._signature import signature
 from ..adapters import get_model_adapter
 from ..errors import ConfigError, StageError, TokenPruneError
 from .decode import DecodeMapper
@@ -202,7 +202,7 @@ class PruneSession:
         """The top-level call's arguments as keywords."""
         if not args:
             return dict(kwargs)
-        params = [p.name for p in inspect.signature(self.model.forward).parameters.values()
+        params = [p.name for p in signature(self.model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         out = dict(zip(params, args))
         out.update(kwargs)

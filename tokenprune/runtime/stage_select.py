@@ -15,7 +15,7 @@ import torch
 from ..context import make_context
 from ..errors import StageError
 from .report import StageReport
-from .state import PromptState, as_list, gather, true_positions
+from .state import PromptState, gather, true_positions
 
 
 class StageSelection:
@@ -65,104 +65,110 @@ class StageSelection:
         """
         vis = state.visual
         cand = vis.valid & ~vis.protected & ~vis.dropped
+        B = cand.shape[0]
         n = cand.sum(1)
+        n_list = n.tolist()
         first = not state.stages
         t0 = time.perf_counter()
         keep = vis.valid & vis.protected
         repl = None
-        rows_with = (n > 0).nonzero().flatten()
         budget = stage.budget
-        for b in rows_with.tolist():
-            if not budget.is_fraction and budget.value > int(n[b]) and not first:
-                raise StageError(f"stage {index} keeps {budget.value} tokens but the earlier stage left only "
-                                 f"{int(n[b])} candidate visual tokens (sample {b})")
-        if len(rows_with):
-            # compact the candidates of each row to the front
-            cidx = true_positions(cand[rows_with])
-            sub = rows_with
-            cmask = cidx >= 0
-            f = gather(feats[sub].detach(), cidx, 1, 0.0)
-            rel = None if relevance is None else gather(relevance[sub].float(), cidx, 1, 0.0)
-            extra = {"coords": gather(vis.coords[sub], cidx, 1, -1).float()}
+        rows_with = [b for b, c in enumerate(n_list) if c > 0]
+        if not budget.is_fraction and not first:
+            for b in rows_with:
+                if budget.value > n_list[b]:
+                    raise StageError(f"stage {index} keeps {budget.value} tokens but the earlier stage left only "
+                                     f"{n_list[b]} candidate visual tokens (sample {b})")
+        if rows_with:
+            # the samples with candidates (all of them, as a rule: no copies then), candidates to the front
+            sub = slice(None) if len(rows_with) == B else torch.tensor(rows_with, device=cand.device)
+            V = cand.shape[1]
+            if all(c == V for c in n_list):  # every visual token is a candidate: nothing to compact
+                cidx, cmask = None, None
+                take = lambda t, fill: t  # noqa: E731
+            else:
+                cidx = true_positions(cand[sub])
+                cmask = cidx >= 0
+                take = lambda t, fill: gather(t[sub], cidx, 1, fill)  # noqa: E731
+            f = take(feats.detach(), 0.0)
+            rel = None if relevance is None else take(relevance.float(), 0.0)
+            extra = {"coords": take(vis.coords, -1).float()}
             if positions is not None:
-                extra["positions"] = gather(positions[sub], cidx, 1, -1)
+                extra["positions"] = take(positions, -1)
             te = None if text_emb is None else text_emb[sub].detach()
             tm = None if text_mask is None else text_mask[sub]
             tr = None if text_relevance is None else text_relevance[sub].float()
             if te is not None and te.shape[1] == 0:
                 te, tm, tr = None, None, None
-            grid = self.single_grid(state, cidx) if first else None
+            grid = state.grid if first else None
             with torch.no_grad():
                 ctx = make_context(f, mask=cmask, relevance=rel, text_embeddings=te, text_mask=tm,
                                    text_relevance=tr, grid=grid, seed=self.plan.seed + index,
                                    compute_dtype=stage.compute_dtype, **extra)
                 sel = stage.selector.select(stage.objective, ctx, budget)
-            picked = torch.where(sel.valid, torch.gather(cidx, 1, sel.indices.clamp_min(0)), -1)
-            V = keep.shape[1]
-            hit = torch.zeros(len(sub), V + 1, dtype=torch.bool, device=keep.device)
-            hit.scatter_(1, picked.masked_fill(picked < 0, V), True)  # holes land in the extra column
-            keep[sub] |= hit[:, :V]
+            picked = sel.indices if cidx is None else torch.gather(cidx, 1, sel.indices.clamp_min(0))
+            picked = picked.masked_fill(~sel.valid, V)  # holes land in the extra column of hit
+            hit = torch.zeros(picked.shape[0], V + 1, dtype=torch.bool, device=keep.device)
+            hit.scatter_(1, picked, True)
+            if isinstance(sub, slice):
+                keep |= hit[:, :V]
+            else:
+                keep[sub] |= hit[:, :V]
             if sel.features is not None:
-                repl = self._replacement(vis, sub, picked, sel)
+                rows = torch.arange(B, device=picked.device) if isinstance(sub, slice) else sub.to(picked.device)
+                repl = self._replacement(vis, rows, picked, sel)
         ms = (time.perf_counter() - t0) * 1e3
         state.select_ms += ms
-        if first and len(rows_with) and not budget.is_fraction and budget.value >= int(n[rows_with].max()):
+        most = max(n_list[b] for b in rows_with) if rows_with else 0
+        if first and rows_with and not budget.is_fraction and budget.value >= most:
             self.report.note(f"stage {index} keeps {budget.value} tokens, at least as many as there are "
-                             f"({int(n[rows_with].max())}): it kept them all")
+                             f"({most}): it kept them all")
         kept_vis = keep & vis.valid
         state.stages.append(self._stage_report(vis, index, layer, budget, relevance, cand, kept_vis, ms))
         return kept_vis, repl
 
     @staticmethod
-    def _replacement(vis, sub, picked, sel):
-        """Scatter a selection's new features back onto ``[B, V]``: ``(features, has)``."""
+    def _replacement(vis, rows, picked, sel):
+        """Scatter a selection's new features back onto ``[B, V]``: ``(features, has)``; ``rows`` (long
+        ``[B']``) are the samples of the selection's rows."""
         repl = torch.zeros(vis.pos.shape[0], vis.pos.shape[1], sel.features.shape[-1],
                            dtype=sel.features.dtype, device=sel.features.device)
         has = torch.zeros(vis.pos.shape, dtype=torch.bool, device=vis.pos.device)
         ok = sel.valid
-        rows, cols = sub.to(picked.device)[:, None].expand_as(picked)[ok], picked[ok]
+        rows, cols = rows[:, None].expand_as(picked)[ok], picked[ok]
         repl[rows, cols] = sel.features[ok]
         has[rows, cols] = True
         return repl, has
 
     def _stage_report(self, vis, index, layer, budget, relevance, cand, kept_vis, ms) -> StageReport:
-        """The report of one stage: counts, kept original indices and coordinates, the scores it saw."""
-        rep = StageReport(index=index, layer=layer, budget=budget.value, relevance=self.plan.relevance[index],
-                          tokens_before=vis.counts(), tokens_after=as_list(kept_vis.sum(1)),
-                          protected=as_list((vis.protected & kept_vis).sum(1)), select_ms=ms)
-        B = vis.pos.shape[0]
-        n_orig = list(self.report.visual_tokens) + [0] * max(0, B - len(self.report.visual_tokens))
-        # one move to the CPU, then per-sample views: the scores the stage saw over the original tokens
-        orig, coords = vis.orig.cpu(), vis.coords.cpu()
-        scores = torch.full((B, max(n_orig[:B], default=0)), float("nan"))
-        if relevance is not None:
-            c = cand.cpu()
-            r, col = c.nonzero(as_tuple=True)
-            scores[r, orig[r, col]] = relevance.detach().float().cpu()[r, col]
-        # the kept (not protected) tokens of each sample, ordered by their original index
-        chosen = (kept_vis & ~vis.protected).cpu()
-        key = orig.masked_fill(~chosen, torch.iinfo(orig.dtype).max)
-        srt = key.sort(dim=1, stable=True).indices
-        counts = chosen.sum(1).tolist()
-        kept_orig, kept_coords = orig.gather(1, srt), coords.gather(1, srt[..., None].expand(-1, -1, 4))
-        for b in range(B):
-            rep.scores.append(scores[b, : n_orig[b]].clone())
-            rep.kept.append(kept_orig[b, : counts[b]].clone())
-            rep.coords.append(kept_coords[b, : counts[b]].clone())
-        return rep
+        """The report of one stage: counts now, and the kept original indices and coordinates and the
+        scores it saw when first read (from the stage's tensors, which the runtime replaces and never
+        writes into)."""
+        before, after, protected = torch.stack([vis.valid.sum(1), kept_vis.sum(1),
+                                                (vis.protected & kept_vis).sum(1)]).tolist()
+        n_orig = list(self.report.visual_tokens) + [0] * max(0, len(before) - len(self.report.visual_tokens))
+        orig, coords, chosen = vis.orig, vis.coords, kept_vis & ~vis.protected
+        rel = None if relevance is None else relevance.detach()
 
-    @staticmethod
-    def single_grid(state: PromptState, cidx: torch.Tensor):
-        """The ``(rows, cols)`` grid when every sample's candidates are one full image grid, else ``None``."""
-        vis = state.visual
-        if vis.protected.any() or cidx.shape[1] == 0 or (cidx < 0).any():
-            return None
-        c = vis.coords
-        if (c[..., 1] != 0).any() or (c[..., 0] != 0).any() or (c[..., 2] < 0).any():
-            return None
-        rows = int(c[..., 2].max()) + 1
-        cols = int(c[..., 3].max()) + 1
-        return (rows, cols) if rows * cols == cidx.shape[1] else None
+        def per_sample():
+            # one move to the CPU, then per-sample views: the scores the stage saw over the original tokens
+            o, c, ch = orig.cpu(), coords.cpu(), chosen.cpu()
+            B = o.shape[0]
+            scores = torch.full((B, max(n_orig[:B], default=0)), float("nan"))
+            if rel is not None:
+                r, col = cand.cpu().nonzero(as_tuple=True)
+                scores[r, o[r, col]] = rel.float().cpu()[r, col]
+            # the kept (not protected) tokens of each sample, ordered by their original index
+            srt = o.masked_fill(~ch, torch.iinfo(o.dtype).max).sort(dim=1, stable=True).indices
+            counts = ch.sum(1).tolist()
+            kept_orig, kept_coords = o.gather(1, srt), c.gather(1, srt[..., None].expand(-1, -1, 4))
+            return ([kept_orig[b, : counts[b]].clone() for b in range(B)],
+                    [kept_coords[b, : counts[b]].clone() for b in range(B)],
+                    [scores[b, : n_orig[b]].clone() for b in range(B)])
+
+        return StageReport(index=index, layer=layer, budget=budget.value, relevance=self.plan.relevance[index],
+                           tokens_before=before, tokens_after=after, protected=protected, select_ms=ms,
+                           per_sample=per_sample)
 
 
 class StagePart:

@@ -8,10 +8,11 @@ decode mapping, signal capture) read and update them.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from .._signature import signature
 
 #: The two phases a forward call of a pruned prompt can be in.
 PREFILL, DECODE = "prefill", "decode"
@@ -23,7 +24,7 @@ def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor
     Parameters
     ----------
     t : torch.Tensor
-        ``[B or 1, ...]``; a batch dimension of 1 is broadcast to ``B``.
+        ``[B or 1, ...]``; a batch dimension of 1 (or expanded from 1) is broadcast to ``B``.
     idx : torch.Tensor
         long ``[B, L']``: indices along ``dim``; ``-1`` marks a hole, filled with ``fill``.
     dim : int
@@ -35,19 +36,36 @@ def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor
     -------
     torch.Tensor
         ``t`` with ``dim`` of size ``L'``, same dtype and device.
+
+    Notes
+    -----
+    Along ``dim=1`` of a tensor with trailing dimensions (hidden states ``[B, L, D]``, coordinates
+    ``[B, V, 4]``) whole rows are copied with one ``index_select`` over the flattened batch, about
+    three times faster on a CPU than an element-wise ``torch.gather`` with an expanded index.
     """
-    B = idx.shape[0]
+    B, n = idx.shape
+    safe = idx.clamp_min(0)
+    holes = idx < 0
+    if dim == 1 and t.dim() > 2:
+        rest = t.shape[2:]
+        if t.shape[0] == 1 or t.stride(0) == 0:  # one sample's rows, broadcast over the batch
+            out = t[0].index_select(0, safe.reshape(-1)).view(B, n, *rest)
+        else:
+            L = t.shape[1]
+            rows = safe + torch.arange(0, B * L, L, device=idx.device)[:, None]
+            out = t.reshape(B * L, *rest).index_select(0, rows.reshape(-1)).view(B, n, *rest)
+        if holes.any():
+            out.masked_fill_(holes.view(B, n, *([1] * len(rest))), fill)
+        return out
     if t.shape[0] != B:
         t = t.expand(B, *t.shape[1:])
-    safe = idx.clamp_min(0)
     shape = [1] * t.dim()
-    shape[0], shape[dim] = B, idx.shape[1]
+    shape[0], shape[dim] = B, n
     size = list(t.shape)
-    size[dim] = idx.shape[1]
+    size[dim] = n
     out = torch.gather(t, dim, safe.view(shape).expand(size))
-    if (idx < 0).any():
-        holes = (idx < 0).view(shape).expand(size)
-        out = out.masked_fill(holes, fill)
+    if holes.any():
+        out = out.masked_fill(holes.view(shape).expand(size), fill)
     return out
 
 
@@ -60,12 +78,19 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 def true_positions(mask: torch.Tensor) -> torch.Tensor:
     """long ``[B, n]``: the positions of each row's True entries, ascending, padded with ``-1``.
 
-    ``n`` is the largest count of a row. One stable sort instead of a ``nonzero`` per row.
+    ``n`` is the largest count of a row. One ``nonzero`` over the batch, each entry scattered to its
+    rank within its row (no Python loop over samples).
     """
+    B = mask.shape[0]
+    if B == 1:
+        return mask[0].nonzero().view(1, -1)
+    rows, cols = mask.nonzero(as_tuple=True)
     counts = mask.sum(1)
-    n = int(counts.max()) if mask.numel() else 0
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :n]
-    return order.masked_fill(torch.arange(n, device=mask.device)[None] >= counts[:, None], -1)
+    n = int(counts.max()) if B else 0
+    rank = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
+    out = torch.full((B, n), -1, dtype=torch.long, device=mask.device)
+    out[rows, rank] = cols
+    return out
 
 
 def max_rows(pos: torch.Tensor) -> torch.Tensor:
@@ -87,7 +112,7 @@ def bind_arguments(function, args, kwargs, *, defaults: bool = False) -> dict:
     pruning runtime leaves it out) give the same arguments.
     """
     try:
-        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+        bound = signature(function).bind_partial(*args, **kwargs)
         if defaults:
             bound.apply_defaults()
         bound = dict(bound.arguments)
@@ -196,6 +221,9 @@ class PromptState:
     captures: dict = field(default_factory=dict)
     #: The :class:`~tokenprune.runtime.StageReport` of each stage run so far.
     stages: list = field(default_factory=list)
+    #: ``(rows, cols)``: every sample's visual tokens as given are one whole patch grid, the same for all
+    #: (the first stage's context gets it as ``grid``; ``None``: they are not, or it is not known).
+    grid: tuple | None = None
     #: Visual tokens per sample after the before-LLM stage (or as given).
     counts_after_pre: list | None = None
     done_layers: set = field(default_factory=set)
