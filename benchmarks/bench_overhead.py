@@ -97,15 +97,19 @@ def prefill(model, inputs, method):
             return time.thread_time() - t0, time.perf_counter() - w0, report.select_ms
 
 
+PER_PREFILL = ("visual tokens and layout", "vision record", "report")
+SELECTION = "selection (context and selector)"
+
 #: ``(module, class or None, attribute, phase)``: the runtime functions the phase profile times. A
 #: function's time, less the time of the timed functions and model modules it calls, goes to its phase.
+#: :data:`PER_PREFILL` phases are paid once per prefill, the others once per stage.
 PHASES = [
     ("tokenprune.runtime.session", "PruneSession", "_outer_pre", "visual tokens and layout"),
     ("tokenprune.runtime.prefill", "PrefillRewriter", "__call__", "visual tokens and layout"),
     ("tokenprune.runtime.prefill", "PrefillRewriter", "_apply_pre_stage", "input rewrite"),
     ("tokenprune.runtime.prefill", "PrefillRewriter", "_apply_vision_stage", "input rewrite"),
     ("tokenprune.runtime.prefill", "PrefillRewriter", "_rewrite", "input rewrite"),
-    ("tokenprune.runtime.signals", "SignalCapture", "on_image_features", "signal capture"),
+    ("tokenprune.runtime.signals", "SignalCapture", "on_image_features", "vision record"),
     ("tokenprune.runtime.signals", "SignalCapture", "capture_cls", "signal capture"),
     ("tokenprune.runtime.signals", "SignalCapture", "capture_mean", "signal capture"),
     ("tokenprune.runtime.signals", "SignalCapture", "capture_keys", "signal capture"),
@@ -115,8 +119,8 @@ PHASES = [
     ("tokenprune.runtime.signals", "SignalCapture", "in_llm", "signal capture"),
     ("tokenprune.runtime.stage_select", "StageSelection", "__call__", "stage bookkeeping"),
     ("tokenprune.runtime.vision_stage", "VisionSiteSelection", "__call__", "stage bookkeeping"),
-    ("tokenprune.runtime.stage_select", None, "make_context", "selection (context and selector)"),
-    ("tokenprune.selectors.base", "Selector", "select", "selection (context and selector)"),
+    ("tokenprune.runtime.stage_select", None, "make_context", SELECTION),
+    ("tokenprune.selectors.base", "Selector", "select", SELECTION),
     ("tokenprune.runtime.layers", "LayerSurgery", "prefill", "layer gathers"),
     ("tokenprune.runtime.layers", "LayerSurgery", "_apply_stage", "layer gathers"),
     ("tokenprune.runtime.session", "PruneSession", "_outer_post", "report"),
@@ -127,9 +131,10 @@ class PhaseTimer:
     """Exclusive wall time per phase of the runtime's functions (see :data:`PHASES`).
 
     Each timed function pushes its phase; time is charged to the phase on top of the stack, so a
-    phase's time excludes the timed functions it calls. The model's own modules met inside (the
-    vision tower and projector that ``get_image_features`` runs inside the prefill hook) push
-    ``"model"``, which is left out. Wrapping costs about a microsecond per call.
+    phase's time excludes the timed functions it calls. The model's own work met inside (the base
+    model's ``get_image_features``, which the prefill hook runs) pushes ``"model"``, which is left
+    out. Enter it before :func:`tokenprune.prune`, whose hooks then call the timed functions.
+    Wrapping costs about a microsecond per call.
     """
 
     def __init__(self, model):
@@ -137,7 +142,6 @@ class PhaseTimer:
         self._stack: list = []
         self._last = 0.0
         self._restore: list = []
-        self._handles: list = []
         self._model = model
 
     def _switch(self, phase):
@@ -174,18 +178,14 @@ class PhaseTimer:
             setattr(owner, attr, self._wrap(fn, phase))
         from tokenprune.adapters import get_model_adapter
 
-        adapter = get_model_adapter(self._model)
-        for mod in (adapter.vision_tower, getattr(adapter.base, "multi_modal_projector", None)):
-            if mod is not None:
-                self._handles.append(mod.register_forward_pre_hook(lambda *a: self._switch("model")))
-                self._handles.append(mod.register_forward_hook(lambda *a: self._switch(None)))
+        base = type(get_model_adapter(self._model).base)  # its get_image_features is the model's own work
+        self._restore.append((base, "get_image_features", base.__dict__["get_image_features"]))
+        base.get_image_features = self._wrap(base.__dict__["get_image_features"], "model")
         return self
 
     def __exit__(self, *exc):
         for owner, attr, fn in reversed(self._restore):
             setattr(owner, attr, fn)
-        for h in self._handles:
-            h.remove()
 
 
 def runtime_profile(model, inputs, method, runs: int) -> dict:
@@ -198,6 +198,16 @@ def runtime_profile(model, inputs, method, runs: int) -> dict:
             model(**inputs, logits_to_keep=1)
     timer.totals.pop("model", None)
     return {k: v * 1e3 / runs for k, v in sorted(timer.totals.items(), key=lambda kv: -kv[1])}
+
+
+def phase_split(phases: dict) -> dict:
+    """Totals of a phase profile (ms per prefill): all, once per prefill, the stage outside selection,
+    selection."""
+    per_prefill = sum(v for k, v in phases.items() if k in PER_PREFILL)
+    selection = phases.get(SELECTION, 0.0)
+    total = sum(phases.values())
+    return {"total": total, "per_prefill": per_prefill, "per_stage": total - per_prefill - selection,
+            "selection": selection}
 
 
 def run(model_name: str, batch: int, args) -> dict:
@@ -232,6 +242,8 @@ def run(model_name: str, batch: int, args) -> dict:
     out["runtime_ms_by_phase"] = {
         label: {k: round(v, 3) for k, v in runtime_profile(model, inputs, method, runs).items()}
         for label, method in configs[1:3]}
+    out["runtime_split"] = {label: {k: round(v, 3) for k, v in phase_split(phases).items()}
+                            for label, phases in out["runtime_ms_by_phase"].items()}
     return out
 
 
@@ -248,9 +260,10 @@ def show(result: dict) -> str:
             lines.append(f"  {r['config']}: {r['overhead_ms']:+.3f} ms against unpruned, "
                          f"{r['overhead_outside_selection_ms']:+.3f} ms outside selection")
     for label, phases in result.get("runtime_ms_by_phase", {}).items():
-        total = sum(phases.values())
-        lines.append(f"  runtime phases, {label}: {total:.3f} ms per prefill: "
-                     + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+        split = phase_split(phases)
+        lines.append(f"  runtime phases, {label}: {split['total']:.3f} ms per prefill; once per prefill "
+                     f"{split['per_prefill']:.3f}, the stage outside selection {split['per_stage']:.3f}, selection "
+                     f"{split['selection']:.3f}: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     return "\n".join(lines)
 
 

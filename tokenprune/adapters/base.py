@@ -297,6 +297,8 @@ class ModelAdapter:
         """``[N_total, D]``: every image's features in prompt order (the order ``masked_scatter`` uses)."""
         if isinstance(pooler_output, torch.Tensor):
             return pooler_output.reshape(-1, pooler_output.shape[-1])
+        if len(pooler_output) == 1:  # one image: a view, no copy
+            return pooler_output[0].reshape(-1, pooler_output[0].shape[-1])
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in pooler_output], dim=0)
 
     def make_pooler(self, flat: torch.Tensor, like):

@@ -64,7 +64,9 @@ class PrefillRewriter(StagePart):
         if ids.dim() != 2:
             raise ShapeError(f"input_ids must be [B, L], got {tuple(ids.shape)}")
         img = ids == ad.image_token_id
-        if not bool(img.any()):
+        counts = img.sum(1)
+        n_visual = as_list(counts)
+        if not any(n_visual):
             self.report.note("a prompt had no image tokens: nothing was pruned")
             return None
         self._check_cache(kw, ids)
@@ -81,9 +83,8 @@ class PrefillRewriter(StagePart):
         rec = self.signals.record_of(out)
         pooler = out.pooler_output
         flat = ad.flatten_features(pooler).to(dev)
-        counts = img.sum(1)
-        if flat.shape[0] != int(counts.sum()):
-            raise ShapeError(f"{int(counts.sum())} image tokens in input_ids but {flat.shape[0]} image feature rows")
+        if flat.shape[0] != sum(n_visual):
+            raise ShapeError(f"{sum(n_visual)} image tokens in input_ids but {flat.shape[0]} image feature rows")
         layout = self._layout(pooler, rec, counts)
         if self.plan.need_cls and layout.cls is None:
             raise StageError("relevance='cls_attention' needs the vision tower to run inside the prune() context "
@@ -97,10 +98,10 @@ class PrefillRewriter(StagePart):
 
         state = PromptState(batch_size=B, orig_len=L, llm_len=L, llm_mask=kw.get("attention_mask"),
                             cache_in=ad.kv_cache(kw))
-        state.visual, flat_idx = self._initial_visual(img, layout, counts)
-        self.report.visual_tokens = as_list(counts)
-        state.grid = self._single_grid(layout, self.report.visual_tokens)
-        state.counts_after_pre = state.visual.counts()
+        state.visual, flat_idx = self._initial_visual(img, layout, counts, n_visual)
+        self.report.visual_tokens = n_visual
+        state.grid = self._single_grid(layout, n_visual)
+        state.counts_after_pre = list(n_visual)
         if self.plan.pre_stage is not None and self.plan.vision_site:
             new = self._apply_vision_stage(state, kw, new, ids, img, flat, flat_idx, out, rec, layout)
         elif self.plan.pre_stage is not None:
@@ -182,33 +183,42 @@ class PrefillRewriter(StagePart):
         return TokenLayout(coords=base.coords[idx], newline=base.newline[idx],
                            cls=None if base.cls is None else base.cls[idx], grids=base.grids)
 
-    def _initial_visual(self, img, layout, counts) -> tuple[VisualTokens, torch.Tensor]:
+    def _initial_visual(self, img, layout, counts, n_visual: list) -> tuple[VisualTokens, torch.Tensor]:
         """The visual tokens of the prompt as given, with coordinates, newline policy and [CLS] scores;
-        and each one's row in the flattened image features (long ``[B, V]``, ``-1`` at padding)."""
+        and each one's row in the flattened image features (long ``[B, V]``, ``-1`` at padding).
+        ``n_visual`` are the visual tokens per sample (``counts`` as a list)."""
         B = img.shape[0]
         dev = img.device
         pos = true_positions(img)
         V = pos.shape[1]
-        invalid = pos < 0
         ar = torch.arange(V, device=dev)
         # each visual token's row in the layout (every sample's tokens are consecutive rows)
-        flat_idx = ((counts.cumsum(0) - counts)[:, None] + ar).masked_fill_(invalid, -1)
-        rows = flat_idx.clamp_min(0).cpu()
-        coords = layout.coords[rows].to(dev).masked_fill_(invalid[..., None], -1)  # [B, V, 4]
+        flat_idx = (counts.cumsum(0) - counts)[:, None] + ar
+        padded = any(n != V for n in n_visual)  # else no padding entries: nothing to mask
+        if padded:
+            invalid = pos < 0
+            flat_idx.masked_fill_(invalid, -1)
+            rows = flat_idx.clamp_min(0).cpu()
+            coords = layout.coords[rows].to(dev).masked_fill_(invalid[..., None], -1)  # [B, V, 4]
+            valid, orig = ~invalid, ar.expand(B, -1).masked_fill(invalid, -1)
+            pos = pos.clamp_min(0)
+        else:
+            rows = flat_idx.cpu()
+            coords = layout.coords[rows].to(dev)
+            valid, orig = torch.ones(B, V, dtype=torch.bool, device=dev), ar.expand(B, -1)
         # image index relative to the sample (padding and newline tokens have -1)
         img_col = coords[..., 0]
         known = img_col >= 0
         first = img_col.masked_fill(~known, 1 << 30).amin(1, keepdim=True)
         img_col.sub_(torch.where(known, first, 0))
         if bool(layout.newline.any()):
-            newline = layout.newline[rows].to(dev) & ~invalid
+            newline = layout.newline[rows].to(dev) & valid
             protected = newline if self.plan.newlines == "keep" else torch.zeros_like(newline)
             dropped = newline if self.plan.newlines == "drop" else torch.zeros_like(newline)
         else:
             protected = dropped = torch.zeros(B, V, dtype=torch.bool, device=dev)
-        cls = None if layout.cls is None else layout.cls[rows].to(dev).masked_fill_(invalid, 0.0)
-        orig = ar.expand(B, -1).masked_fill(invalid, -1)
-        return VisualTokens(pos=pos.clamp_min(0), valid=~invalid, orig=orig, protected=protected, dropped=dropped,
+        cls = None if layout.cls is None else layout.cls[rows].to(dev).masked_fill_(~valid, 0.0)
+        return VisualTokens(pos=pos, valid=valid, orig=orig, protected=protected, dropped=dropped,
                             coords=coords, cls=cls), flat_idx
 
     @staticmethod

@@ -111,6 +111,8 @@ def bind_arguments(function, args, kwargs, *, defaults: bool = False) -> dict:
     passing a default explicitly (the model's forward passes ``vision_feature_layer=None``, the
     pruning runtime leaves it out) give the same arguments.
     """
+    if not args and not defaults:  # keywords only: binding would give them back as they are
+        return dict(kwargs)
     try:
         bound = signature(function).bind_partial(*args, **kwargs)
         if defaults:
