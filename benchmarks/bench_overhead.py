@@ -38,6 +38,7 @@ Usage::
 
     python benchmarks/bench_overhead.py --json /tmp/overhead.json
     python benchmarks/bench_overhead.py --models testbed --batches 1,32 --rounds 7
+    python benchmarks/bench_overhead.py --models llava-cpu --batches 1 --methods none --rounds-batch1 9
 """
 
 from __future__ import annotations
@@ -80,12 +81,13 @@ def llava_inputs(shape: str, batch: int):
     return b.model, inputs, b.visual_tokens
 
 
-def configurations(n_visual: int, budget: int) -> list:
-    """``(label, method or None)`` in run order."""
+def configurations(n_visual: int, budget: int, methods=None) -> list:
+    """``(label, method or None)`` in run order; ``methods``: the registered methods timed at ``budget``
+    (default all)."""
     big = 10 * n_visual
     out = [("unpruned", None), ("keep-all before LLM", tp.create_method("random", budget=big)),
            ("keep-all in LLM", tp.create_method("fastv", budget=big))]
-    for name in tp.list_methods():
+    for name in tp.list_methods() if methods is None else methods:
         out.append((f"{name}@{budget}", tp.create_method(name, budget=budget)))
     return out
 
@@ -251,15 +253,17 @@ def run(model_name: str, batch: int, args) -> dict:
         model, inputs, n_visual = testbed_inputs(batch)
     else:
         model, inputs, n_visual = llava_inputs("tiny" if model_name == "llava-tiny" else "cpu", batch)
-    configs = configurations(n_visual, args.budget)
+    names = None if args.methods == "all" else [m for m in args.methods.split(",") if m and m != "none"]
+    configs = configurations(n_visual, args.budget, names)
     for label, method in configs:  # warm-up
         prefill(model, inputs, method)
     rounds = args.rounds_batch1 if batch == 1 else args.rounds
     # two blocks, each interleaved: the keep-all configurations against the unpruned model (all with the
     # activations of the whole prompt, so none inherits another's allocator state), then the methods
     overhead = timed(model, inputs, configs[:3], args.rounds_batch1 if batch == 1 else args.overhead_rounds)
-    methods = timed(model, inputs, configs[:1] + configs[3:], rounds)
-    rows = summarise(overhead) + summarise(methods)[1:]
+    rows = summarise(overhead)
+    if len(configs) > 3:
+        rows += summarise(timed(model, inputs, configs[:1] + configs[3:], rounds))[1:]
     out = {"model": model_name, "batch": batch, "visual_tokens": n_visual, "rounds": rounds,
            "overhead_rounds": args.rounds_batch1 if batch == 1 else args.overhead_rounds, "rows": rows}
     runs = args.profile_runs if batch == 1 else max(3, args.profile_runs // 4)
@@ -296,9 +300,11 @@ def main(argv=None) -> list:
     p.add_argument("--models", default="testbed,llava-tiny", help="testbed, llava-tiny, llava-cpu (comma-separated)")
     p.add_argument("--batches", default="1,32", help="batch sizes (comma-separated)")
     p.add_argument("--budget", type=int, default=22, help="budget of the registered methods (default 22)")
+    p.add_argument("--methods", default="all", help="registered methods timed at --budget, comma-separated "
+                   "(default all; 'none' times only the keep-all configurations)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of the methods above batch 1 (default 5)")
-    p.add_argument("--overhead-rounds", type=int, default=9, help="timed rounds of the keep-all configurations "
-                   "against the unpruned model above batch 1 (default 9)")
+    p.add_argument("--overhead-rounds", type=int, default=25, help="timed rounds of the keep-all configurations "
+                   "against the unpruned model above batch 1 (default 25: 9 left +-4%% between runs at batch 32)")
     p.add_argument("--rounds-batch1", type=int, default=40, help="timed rounds at batch 1 (default 40)")
     p.add_argument("--profile-runs", type=int, default=20, help="keep-all prefills profiled at batch 1 "
                    "(a quarter above batch 1)")

@@ -139,13 +139,15 @@ def crop_coords(sizes: list, crops: list, image: int | None = None) -> tuple[lis
     ``None`` or empty, or does not account for exactly ``sizes[i]`` tokens, the item's coordinates are
     unknown and it has no grids. ``image`` is the image index written into the coordinates (default:
     the item's index ``i``). Returns ``(coords, grids)``: per item, long ``[sizes[i], 4]`` and the
-    list of its crops' grids, as :meth:`ModelAdapter.single_grid_layout` takes them.
+    list of its crops' grids, as :meth:`ModelAdapter.single_grid_layout` takes them. The coordinates
+    of a one-crop item are :func:`raster_coords`' shared tensor: copy before writing into them.
     """
     coords, grids = [], []
     for i, (n, item) in enumerate(zip(sizes, crops)):
         img = i if image is None else image
         if item and sum(r * c for r, c in item) == n:
-            coords.append(torch.cat([raster_coords(img, k, r, c) for k, (r, c) in enumerate(item)]))
+            parts = [raster_coords(img, k, r, c) for k, (r, c) in enumerate(item)]
+            coords.append(parts[0] if len(parts) == 1 else torch.cat(parts))
             grids.append(list(item))
         else:
             coords.append(unknown_coords(n, img))
@@ -316,7 +318,7 @@ class ModelAdapter:
             if pooler_output.dim() == 3:
                 return [pooler_output.shape[1]] * pooler_output.shape[0]
             return [pooler_output.shape[0]]
-        return [f.reshape(-1, f.shape[-1]).shape[0] for f in pooler_output]
+        return [f.numel() // f.shape[-1] for f in pooler_output]
 
     # -- token layout ---------------------------------------------------------------------------
     def patch_grid_side(self) -> int:

@@ -87,6 +87,8 @@ def true_positions(mask: torch.Tensor) -> torch.Tensor:
     rows, cols = mask.nonzero(as_tuple=True)
     counts = mask.sum(1)
     n = int(counts.max()) if B else 0
+    if cols.numel() == B * n:  # every row has n entries: the row-major positions are the answer
+        return cols.view(B, n)
     rank = torch.arange(rows.numel(), device=mask.device) - (counts.cumsum(0) - counts)[rows]
     out = torch.full((B, n), -1, dtype=torch.long, device=mask.device)
     out[rows, rank] = cols
