@@ -48,6 +48,9 @@ class StageReport:
         relevance source). Useful for overlays and for checking the signals.
     select_ms : float
         Wall time spent building the context and selecting, in milliseconds.
+    per_sample : tuple or callable
+        Where ``kept``, ``coords`` and ``scores`` come from: the three lists, or a function of no
+        arguments the runtime leaves, called once on first access (``None``: empty lists).
     """
 
     index: int
@@ -58,7 +61,6 @@ class StageReport:
     tokens_after: list = field(default_factory=list)
     protected: list = field(default_factory=list)
     select_ms: float = 0.0
-    #: ``(kept, coords, scores)``, or a function of no arguments that returns them (built on first access).
     per_sample: object = field(default=None, repr=False, compare=False)
 
     def _per_sample_lists(self) -> tuple:
