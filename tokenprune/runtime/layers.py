@@ -15,7 +15,7 @@ import torch
 
 from ..errors import StageError, UnsupportedModelError
 from .stage_select import StagePart
-from .state import PromptState, as_list, gather, positions_from_mask
+from .state import PromptState, as_list, gather, positions_from_mask, take_rows
 
 
 class LayerSurgery(StagePart):
@@ -85,7 +85,7 @@ class LayerSurgery(StagePart):
         vis = state.visual
         with torch.no_grad():
             space = self.adapter.final_norm(hs) if stage.feature_norm == "final_norm" else hs
-        feats = gather(space, vis.pos, 1, 0.0)  # [B, V, D]
+        feats = take_rows(space, vis.pos)  # [B, V, D] (padding entries: any row, masked)
         relevance, text_emb, text_mask, text_rel = self.signals.in_llm(index, stage, state, layer_idx, space, feats)
         positions = None
         if "positions" in stage.selector.signals:  # positions in the unpadded (current) sequence

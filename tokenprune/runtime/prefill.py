@@ -25,7 +25,8 @@ import torch
 from ..adapters.base import TokenLayout
 from ..errors import ShapeError, StageError
 from .stage_select import StagePart
-from .state import PromptState, VisualTokens, as_list, gather, max_rows, positions_from_mask, true_positions
+from .state import (PromptState, VisualTokens, as_list, gather, max_rows, positions_from_mask, take_rows,
+                    true_positions)
 from .vision_stage import VisionSiteSelection
 
 
@@ -235,7 +236,7 @@ class PrefillRewriter(StagePart):
     def _apply_pre_stage(self, state: PromptState, kw, new, ids, img, flat, flat_idx, out, rec):
         """Select before the LLM and shorten the call: ids, masks, per-token tensors, positions, features."""
         index, stage = self.plan.pre_stage
-        feats = gather(flat.unsqueeze(0), flat_idx, 1, 0.0)  # [B, V, D]
+        feats = take_rows(flat.unsqueeze(0), flat_idx)  # [B, V, D]; 0 at padding
         # per-crop scores over the vision tower's tokens -> the visual tokens, as the [CLS] attention (text_encoder)
         to_tokens = lambda s: self._layout(out.pooler_output, replace(rec, cls_attention=s), img.sum(1)).cls  # noqa: E731
         relevance, text_emb, text_mask = self.signals.before_llm(index, stage, state, ids, img, feats, kw,

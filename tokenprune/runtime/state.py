@@ -69,6 +69,21 @@ def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor
     return out
 
 
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[B or 1, L, ...]`` at the rows ``idx`` (long ``[B, V]``, no holes): ``gather(t, idx, 1)``,
+    as a view of ``t`` when every sample takes the same run of consecutive rows (one image at the same
+    place in every prompt: always at batch 1), which saves copying ``[B, V, D]`` hidden states or
+    features. The result is read-only for callers (it may be a view)."""
+    B, V = idx.shape
+    if V and t.shape[0] in (1, B):
+        start = idx[:1, :1]
+        if bool(((idx - start) == torch.arange(V, device=idx.device)).all()):
+            s = int(start)
+            out = t[:, s: s + V]
+            return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
+    return gather(t, idx, 1)
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """long ``[B, L]``: consecutive positions of the valid (non-zero) entries of a 2-D mask, 0 at padding."""
     pos = mask.long().cumsum(-1) - 1
