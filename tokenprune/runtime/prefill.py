@@ -217,7 +217,8 @@ class PrefillRewriter(StagePart):
             protected = newline if self.plan.newlines == "keep" else torch.zeros_like(newline)
             dropped = newline if self.plan.newlines == "drop" else torch.zeros_like(newline)
         else:
-            protected = dropped = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            protected = torch.zeros(B, V, dtype=torch.bool, device=dev)
+            dropped = torch.zeros_like(protected)
         cls = None if layout.cls is None else layout.cls[rows].to(dev).masked_fill_(~valid, 0.0)
         return VisualTokens(pos=pos, valid=valid, orig=orig, protected=protected, dropped=dropped,
                             coords=coords, cls=cls), flat_idx
