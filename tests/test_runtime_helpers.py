@@ -74,6 +74,16 @@ def test_take_rows_equals_gather(B, L, D, batch_one, data):
     assert out.shape == (B, V, *t.shape[2:]) and torch.equal(out, gather(t, idx, 1))
 
 
+@pytest.mark.parametrize("B,V,D", [(1, 5, 3), (4, 6, 2), (3, 1, 0)])
+def test_take_rows_of_flattened_features_is_a_view_with_gather_values(B, V, D):
+    flat = torch.randn(1, B * V, *([D] if D else []))
+    idx = torch.arange(B * V).view(B, V)
+    out = take_rows(flat, idx)
+    assert out.data_ptr() == flat.data_ptr() and torch.equal(out, gather(flat, idx, 1))
+    shifted = idx.roll(1, dims=1)  # not the flattened layout: a copy, still gather's values
+    assert torch.equal(take_rows(flat, shifted), gather(flat, shifted, 1))
+
+
 @given(st.integers(1, 5), st.integers(0, 12), st.data())
 def test_true_positions_equals_nonzero_per_row(B, L, data):
     mask = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=L, max_size=L), min_size=B, max_size=B)),

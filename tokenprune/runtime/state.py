@@ -72,15 +72,20 @@ def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t`` ``[B or 1, L, ...]`` at the rows ``idx`` (long ``[B, V]``, no holes): ``gather(t, idx, 1)``,
     as a view of ``t`` when every sample takes the same run of consecutive rows (one image at the same
-    place in every prompt: always at batch 1), which saves copying ``[B, V, D]`` hidden states or
-    features. The result is read-only for callers (it may be a view)."""
+    place in every prompt: always at batch 1) or, for ``t`` ``[1, B * V, ...]``, sample ``b`` rows
+    ``b * V .. b * V + V - 1`` (flattened features, as many per sample): no copy of ``[B, V, D]`` hidden
+    states or features. The result is read-only for callers (it may be a view)."""
     B, V = idx.shape
     if V and t.shape[0] in (1, B):
+        ar = torch.arange(V, device=idx.device)
         start = idx[:1, :1]
-        if bool(((idx - start) == torch.arange(V, device=idx.device)).all()):
+        if bool(((idx - start) == ar).all()):
             s = int(start)
             out = t[:, s: s + V]
             return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
+        flat = t.shape[0] == 1 and t.shape[1] == B * V
+        if flat and bool((idx == ar + V * torch.arange(B, device=idx.device)[:, None]).all()):
+            return t[0].view(B, V, *t.shape[2:])  # the samples' rows one after the other (flattened features)
     return gather(t, idx, 1)
 
 
