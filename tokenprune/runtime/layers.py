@@ -23,7 +23,8 @@ class LayerSurgery(StagePart):
 
     # -- prefill ----------------------------------------------------------------------------------
     def prefill(self, layer_idx: int, state: PromptState, args, kwargs):
-        """Pre-hook body during the prefill: the rewritten ``(args, kwargs)`` of decoder layer ``layer_idx``.
+        """Pre-hook body during the prefill: the rewritten ``(args, kwargs)`` of decoder layer ``layer_idx``,
+        or ``None`` when the layer's call stays as it is (no token dropped so far, positions not compacted).
 
         Raises
         ------
@@ -38,7 +39,6 @@ class LayerSurgery(StagePart):
         if hs.shape[1] != state.cur_len:
             raise StageError(f"decoder layer {layer_idx} got {hs.shape[1]} tokens during the prefill, expected "
                              f"{state.cur_len}; chunked prefill is not supported with in-LLM pruning")
-        kwargs = dict(kwargs)
         if state.llm_pos is None:
             pid = kwargs.get("position_ids")
             if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == state.llm_len:
@@ -47,12 +47,16 @@ class LayerSurgery(StagePart):
                 state.llm_pos = positions_from_mask(state.cur_valid) if state.llm_mask is not None else \
                     torch.arange(state.llm_len, device=hs.device)[None].expand(state.batch_size, -1)
             state.group = torch.arange(state.llm_len, device=hs.device)[None].expand(state.batch_size, -1)
+        entering = hs
         if layer_idx in self.plan.llm_stages:
             hs = self._apply_stage(layer_idx, state, hs)
         state.done_layers.add(layer_idx)
         # while no stage has dropped a token the sequence is the LLM's own (keep-all): nothing to gather
         g = state.group if state.dropped_tokens else None
         state.layer_group[layer_idx] = (g, state.group_shift if state.group_pos is not None else None)
+        if g is None and state.group_pos is None and hs is entering:
+            return None
+        kwargs = dict(kwargs)
         if state.group_pos is not None:
             kwargs["position_embeddings"] = self.adapter.rotary(layer_idx, hs, state.group_pos)
             if kwargs.get("position_ids") is not None:
