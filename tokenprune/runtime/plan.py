@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, ParameterError, StageError, UnsupportedModelError
 from ..methods.build import accepted_parameters, resolve_method
-from ..methods.compose import PruningMethod, Stage
+from ..methods.compose import PruningMethod
 
 #: What ``newlines=`` may say about LLaVA-NeXT / OneVision ``image_newline`` tokens.
 NEWLINE_POLICIES = ("keep", "drop", "select")
@@ -103,6 +103,9 @@ class Plan:
         (their ``relevance`` entry is then ``"text_encoder"``).
     relevance_notes : list of str
         Per stage that reads the instruction relevance, which source it uses (the report notes them).
+    text_embedding_stages : frozenset of int
+        The stages that read the prompt's text embeddings (relevance ``text_similarity``, or a
+        selector or objective that requires them).
     """
 
     method: PruningMethod
@@ -123,6 +126,7 @@ class Plan:
     site_note: str | None = None
     text_encoder: object = None
     relevance_notes: list = field(default_factory=list)
+    text_embedding_stages: frozenset = frozenset()
 
     @classmethod
     def build(cls, method: PruningMethod, adapter, *, newlines: str = "keep", cls_fallback: str | None = None,
@@ -164,6 +168,7 @@ class Plan:
         plan._choose_signals(adapter)
         plan._choose_text_relevance(adapter)
         plan._place_vision_site(adapter)
+        plan._choose_text_embedding_stages()
         return plan
 
     def _place_stages(self, adapter, model_name: str) -> None:
@@ -208,7 +213,6 @@ class Plan:
     def _choose_signals(self, adapter) -> None:
         """Resolve each stage's relevance source on this tower and decide what to capture."""
         self.relevance = {i: st.relevance for i, st in enumerate(self.method.stages)}
-        self._needs_text: dict = {}
         model_type = adapter.config.model_type
         for i, st in enumerate(self.method.stages):
             if st.relevance != "cls_attention" or adapter.has_cls:
@@ -320,16 +324,17 @@ class Plan:
     def reads_the_text(self) -> bool:
         """Whether a selection can change when the prompt's text grows: an in-LLM stage (hidden
         states and attention of the whole sequence), or text similarity or text embeddings."""
-        return bool(self.llm_stages) or any(self.needs_text_embeddings(i, st) or self.relevance[i] == "text_encoder"
-                                            for i, st in enumerate(self.method.stages))
+        return bool(self.llm_stages or self.text_embedding_stages) or "text_encoder" in self.relevance.values()
 
-    def needs_text_embeddings(self, index: int, stage: Stage) -> bool:
-        """Whether stage ``index`` needs the prompt's text embeddings (relevance or its objective);
-        answered once per stage (an objective's tags walk its composition)."""
-        key = (index, id(stage))
-        cached = self._needs_text.get(key)
-        if cached is None:
-            cached = (self.relevance[index] == "text_similarity" or "text_embeddings" in stage.selector.signals
-                      or (stage.objective is not None and "text_embeddings" in stage.objective.tags.requires))
-            self._needs_text[key] = cached
-        return cached
+    def needs_text_embeddings(self, index: int) -> bool:
+        """Whether stage ``index`` needs the prompt's text embeddings (see ``text_embedding_stages``)."""
+        return index in self.text_embedding_stages
+
+    def _choose_text_embedding_stages(self) -> None:
+        """The stages that read the prompt's text embeddings: by their relevance as resolved for this
+        model, their selector's own signals, or their objective's requirements (decided once: an
+        objective's tags walk its composition)."""
+        self.text_embedding_stages = frozenset(
+            i for i, st in enumerate(self.method.stages)
+            if self.relevance[i] == "text_similarity" or "text_embeddings" in st.selector.signals
+            or (st.objective is not None and "text_embeddings" in st.objective.tags.requires))

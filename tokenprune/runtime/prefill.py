@@ -285,10 +285,7 @@ class PrefillRewriter(StagePart):
         if not right:  # the batch was padded on the left: so is the new one
             src = torch.arange(Lp, device=dev)[None] - (Lp - new_lens)[:, None]
             idx = torch.where(src >= 0, idx.gather(1, src.clamp_min(0)), -1)
-        changed = Lp != L or bool((idx < 0).any()) or repl is not None
-        state.pre_changed = changed
-        if not changed:  # every token kept where it was: the call and the visual tokens stay as they are
-            return new
+        state.pre_changed = True  # a visual token dropped (a shorter or holed row) or features replaced
         kept_flat = self._kept_features(feats, keep_vis, repl)
         # the visual tokens in the new sequence: old position -> new position
         newpos_of_old = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)

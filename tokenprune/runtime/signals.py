@@ -327,7 +327,7 @@ class SignalCapture:
             relevance = vis.cls
         elif source == "text_encoder":
             relevance = self.encoder_relevance(state, ids, img, kw, vision)
-        if self.plan.needs_text_embeddings(index, stage):
+        if self.plan.needs_text_embeddings(index):
             am = kw.get("attention_mask")
             valid = am.bool() if am is not None else torch.ones_like(img)
             text = valid & ~img
@@ -422,7 +422,7 @@ class SignalCapture:
             relevance = vis.cls
         if stage.relevance in ("text_attention", "key_norm") and relevance is None:
             raise StageError(f"no attention was captured at layer {layer_idx - 1} for stage {index}")
-        if self.plan.needs_text_embeddings(index, stage):
+        if self.plan.needs_text_embeddings(index):
             L = state.cur_len
             text = state.text_tokens()
             if stage.text_tokens == "after_image":
