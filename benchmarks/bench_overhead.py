@@ -258,14 +258,14 @@ def run(model_name: str, batch: int, args) -> dict:
     for label, method in configs:  # warm-up
         prefill(model, inputs, method)
     rounds = args.rounds_batch1 if batch == 1 else args.rounds
+    overhead_rounds = args.rounds_batch1 if batch == 1 else args.overhead_rounds
     # two blocks, each interleaved: the keep-all configurations against the unpruned model (all with the
     # activations of the whole prompt, so none inherits another's allocator state), then the methods
-    overhead = timed(model, inputs, configs[:3], args.rounds_batch1 if batch == 1 else args.overhead_rounds)
-    rows = summarise(overhead)
+    rows = summarise(timed(model, inputs, configs[:3], overhead_rounds))
     if len(configs) > 3:
         rows += summarise(timed(model, inputs, configs[:1] + configs[3:], rounds))[1:]
     out = {"model": model_name, "batch": batch, "visual_tokens": n_visual, "rounds": rounds,
-           "overhead_rounds": args.rounds_batch1 if batch == 1 else args.overhead_rounds, "rows": rows}
+           "overhead_rounds": overhead_rounds, "rows": rows}
     runs = args.profile_runs if batch == 1 else max(3, args.profile_runs // 4)
     out["runtime_ms_by_phase"] = {
         label: {k: round(v, 3) for k, v in runtime_profile(model, inputs, method, runs).items()}
