@@ -83,7 +83,7 @@ def wrapper_name(impl: str) -> str:
     return name
 
 
-def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling, rows: torch.Tensor,
+def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling, rows,
                    softcap=None, causal: bool = True) -> torch.Tensor:
     """Head-averaged attention probabilities of some query rows, as the attention kernel computes them.
 
@@ -98,8 +98,9 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask, scali
         ``None`` means no padding, causal if ``causal``.
     scaling : float or None
         Logit scale (``d ** -0.5`` if ``None``).
-    rows : torch.Tensor
-        long ``[B, R]``: query positions whose rows are computed.
+    rows : torch.Tensor or int
+        long ``[B, R]``: query positions whose rows are computed; or one position (``0 <= rows < Lq``)
+        for every sample, ``R = 1`` (read as views of ``query`` and the mask, no gather).
     softcap : float, optional
         Logit soft-capping ``c · tanh(x / c)`` (Gemma-2 style), if the module uses it.
     causal : bool
@@ -117,30 +118,37 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask, scali
     """
     B, H, Lq, d = query.shape
     Lk = key.shape[2]
-    idx = rows.clamp(0, Lq - 1)
-    q = torch.gather(query, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d)).float()
-    k = key.float()
+    if isinstance(rows, int):
+        q = query[:, :, rows: rows + 1]
+    else:
+        rows = rows.clamp(0, Lq - 1)
+        q = torch.gather(query, 2, rows[:, None, :, None].expand(B, H, rows.shape[1], d))
+    q = q if q.dtype == torch.float32 else q.float()
+    k = key if key.dtype == torch.float32 else key.float()
     if k.shape[1] != H:
         k = k.repeat_interleave(H // k.shape[1], dim=1)
     logits = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    if attention_mask is None and not causal:
-        pass
-    elif attention_mask is None:
-        allowed = torch.arange(Lk, device=query.device)[None, None, None, :] <= idx[:, None, :, None]
-        logits = logits.masked_fill(~allowed, float("-inf"))
+    if attention_mask is None:  # every row allows its first key: no empty row
+        last = rows if isinstance(rows, int) else None
+        if causal and (last is None or last < Lk - 1):
+            limit = last if last is not None else rows[:, None, :, None]
+            logits = logits.masked_fill(torch.arange(Lk, device=query.device)[None, None, None, :] > limit,
+                                        float("-inf"))
+        return torch.softmax(logits, dim=-1).mean(1)
+    m = attention_mask
+    if isinstance(rows, int):
+        m = m[..., rows: rows + 1, :Lk]
     else:
-        m = attention_mask
         if m.shape[0] != B:
             m = m.expand(B, *m.shape[1:])
-        m = torch.gather(m[..., :Lk], 2, idx[:, None, :, None].expand(B, m.shape[1], idx.shape[1], Lk))
-        if m.dtype == torch.bool:
-            logits = logits.masked_fill(~m, float("-inf"))
-        else:
-            logits = logits + m.float()
-    probs = torch.softmax(logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)
+        m = torch.gather(m[..., :Lk], 2, rows[:, None, :, None].expand(B, m.shape[1], rows.shape[1], Lk))
+    if m.dtype == torch.bool:
+        logits = logits.masked_fill(~m, float("-inf"))
+    else:
+        logits = logits + m.float()
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
     return probs.mean(1)
 
 

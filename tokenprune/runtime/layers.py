@@ -15,7 +15,7 @@ import torch
 
 from ..errors import StageError, UnsupportedModelError
 from .stage_select import StagePart
-from .state import PromptState, as_list, gather, positions_from_mask, take_rows
+from .state import PromptState, as_list, gather, positions_from_mask
 
 
 class LayerSurgery(StagePart):
@@ -39,17 +39,9 @@ class LayerSurgery(StagePart):
         if hs.shape[1] != state.cur_len:
             raise StageError(f"decoder layer {layer_idx} got {hs.shape[1]} tokens during the prefill, expected "
                              f"{state.cur_len}; chunked prefill is not supported with in-LLM pruning")
-        if state.llm_pos is None:
-            pid = kwargs.get("position_ids")
-            if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == state.llm_len:
-                state.llm_pos = pid.expand(state.batch_size, -1)
-            else:
-                state.llm_pos = positions_from_mask(state.cur_valid) if state.llm_mask is not None else \
-                    torch.arange(state.llm_len, device=hs.device)[None].expand(state.batch_size, -1)
-            state.group = torch.arange(state.llm_len, device=hs.device)[None].expand(state.batch_size, -1)
         entering = hs
         if layer_idx in self.plan.llm_stages:
-            hs = self._apply_stage(layer_idx, state, hs)
+            hs = self._apply_stage(layer_idx, state, hs, kwargs.get("position_ids"))
         state.done_layers.add(layer_idx)
         # while no stage has dropped a token the sequence is the LLM's own (keep-all): nothing to gather
         g = state.group if state.dropped_tokens else None
@@ -83,13 +75,14 @@ class LayerSurgery(StagePart):
         kwargs["hidden_states"] = hs
         return args, kwargs
 
-    def _apply_stage(self, layer_idx: int, state: PromptState, hs: torch.Tensor) -> torch.Tensor:
-        """Run the stage at ``layer_idx`` and return the hidden states of the kept tokens."""
+    def _apply_stage(self, layer_idx: int, state: PromptState, hs: torch.Tensor, position_ids) -> torch.Tensor:
+        """Run the stage at ``layer_idx`` and return the hidden states of the kept tokens; ``position_ids``:
+        the layer call's (the model's, for the sequence that entered the LLM) or ``None``."""
         index, stage = self.plan.llm_stages[layer_idx]
         vis = state.visual
         with torch.no_grad():
             space = self.adapter.final_norm(hs) if stage.feature_norm == "final_norm" else hs
-        feats = take_rows(space, vis.pos)  # [B, V, D] (padding entries: any row, masked)
+        feats = vis.rows(space)  # [B, V, D] (padding entries: any row, masked)
         relevance, text_emb, text_mask, text_rel = self.signals.in_llm(index, stage, state, layer_idx, space, feats)
         positions = None
         if "positions" in stage.selector.signals:  # positions in the unpadded (current) sequence
@@ -99,7 +92,7 @@ class LayerSurgery(StagePart):
         B, L = state.batch_size, state.cur_len
         drop = vis.valid & ~keep_vis
         if repl is None and not bool(drop.any()):  # every visual token kept: the sequence stays as it is
-            self._positions_after(stage, state, None)
+            self._positions_after(stage, state, None, position_ids)
             return hs
         # kept positions in the current sequence
         keep_tok = torch.ones(B, L + 1, dtype=torch.bool, device=hs.device)
@@ -123,18 +116,20 @@ class LayerSurgery(StagePart):
         state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
         if Lp != L:  # else every token was kept: the gathers below would be copies
             hs = gather(hs, rel, 1)
-            state.group = torch.gather(state.group, 1, rel)
+            state.group = rel if state.group is None else torch.gather(state.group, 1, rel)
             state.cur_valid = torch.gather(state.cur_valid, 1, rel)
             state.dropped_tokens = True
         state.cur_len = Lp
-        self._positions_after(stage, state, rel)
+        self._positions_after(stage, state, rel, position_ids)
         return hs
 
-    def _positions_after(self, stage, state: PromptState, rel) -> None:
+    def _positions_after(self, stage, state: PromptState, rel, position_ids) -> None:
         """The positions the layers after a stage use: compacted (``positions="compact"``), or the
         compacted ones of an earlier stage for the kept tokens ``rel`` (long ``[B, cur_len]`` indices
         into the sequence before the stage; ``None``: it kept everything)."""
         if stage.positions == "compact" and not self.adapter.mrope:
+            if state.llm_pos is None:
+                state.llm_pos = self._entry_positions(state, position_ids)
             new_pos = positions_from_mask(state.cur_valid)
             llm_last = state.llm_pos.masked_fill(~state.llm_valid(), -1).amax(1)
             state.group_pos = new_pos
@@ -143,6 +138,17 @@ class LayerSurgery(StagePart):
             state.group_pos = torch.gather(state.group_pos, 1, rel)
         if self.plan.compact_note and stage.positions == "compact":
             self.report.note(self.plan.compact_note)
+
+    @staticmethod
+    def _entry_positions(state: PromptState, position_ids) -> torch.Tensor:
+        """long ``[B, llm_len]``: the 1-D positions of the sequence that entered the LLM (the layer call's
+        ``position_ids``, else counted from the mask)."""
+        pid = position_ids
+        if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == state.llm_len:
+            return pid.expand(state.batch_size, -1)
+        if state.llm_mask is not None:
+            return positions_from_mask(state.llm_mask.to(state.cur_valid.device))
+        return torch.arange(state.llm_len, device=state.cur_valid.device)[None].expand(state.batch_size, -1)
 
     # -- decoding ---------------------------------------------------------------------------------
     def decode(self, layer_idx: int, state: PromptState, args, kwargs):

@@ -170,42 +170,74 @@ class SignalCapture:
             self.capture_keys(module, query, key, attention_mask, kwargs)
         return both
 
-    # -- text side: attention capture at layer k - 1 -----------------------------------------------
+    # -- text side: attention at layer k - 1 --------------------------------------------------------
     def capture_text(self, state: PromptState, layer_idx: int, stage, module, query, key, attention_mask,
                      kwargs) -> None:
-        """Store the LLM-attention signal of ``stage`` from decoder layer ``layer_idx`` in ``state.captures``.
+        """Attention-wrapper callback of decoder layer ``layer_idx`` (``k - 1`` for the stage at ``k``):
+        keep the post-RoPE ``query`` and ``key``, the mask and the call's scaling, from which
+        :meth:`layer_signal` computes the stage's signal when the stage runs.
 
-        ``text_attention``: float32 ``[B, V]``, the raters' head-averaged attention to each visual
-        token. ``key_norm``: float32 ``[B, L]``, the keys' L1 norms averaged over key/value heads.
-        Calls whose length is not the current prefill's (another forward) are ignored.
+        Deferring the computation to the stage's pre-hook makes it one runtime entry between the
+        model's layers instead of two (on a CPU the first small operations after the model's matrix
+        products cost tens of microseconds each, see ``benchmarks/bench_cold_op.py``); the price is
+        that layer ``k - 1``'s query (``[B, H, L, d]``, the size of the hidden states) lives until
+        layer ``k`` starts. Calls whose length is not the current prefill's (another forward) are ignored.
         """
         if query.shape[2] != state.cur_len or key.shape[2] != state.cur_len:
             return
-        with torch.no_grad():
-            vis = state.visual
-            out = {}
-            if stage.relevance == "key_norm":
-                out["key_norm"] = attn.key_l1_norm(key.detach())
-            else:
-                rows, row_valid = self.rater_rows(state, stage.raters)
-                probs = attn.attention_rows(query.detach(), key.detach(), attention_mask, kwargs.get("scaling"), rows,
-                                            softcap=kwargs.get("softcap"),
-                                            causal=bool(getattr(module, "is_causal", True)))  # [B, R, L]
-                img = torch.gather(probs, 2, vis.pos[:, None, :].expand(-1, probs.shape[1], -1))  # [B, R, V]
-                img = img * vis.valid[:, None, :]
-                w = row_valid.float()
-                if stage.raters == "dynamic":
-                    mass = (img * vis.valid[:, None, :]).sum(-1)  # [B, R]: each rater's attention to the image
-                    top = mass.masked_fill(~row_valid, float("-inf")).amax(1, keepdim=True)
-                    w = (row_valid & (mass >= self.plan.dynamic_threshold * top)).float()
-                rel = (img * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
-                out["text_attention"] = rel  # [B, V]
-            state.captures[layer_idx] = out
+        state.attention_inputs[layer_idx] = (stage, query, key, attention_mask, kwargs.get("scaling"),
+                                             kwargs.get("softcap"), bool(getattr(module, "is_causal", True)))
+
+    def layer_signal(self, state: PromptState, layer_idx: int) -> dict:
+        """The LLM-attention signal captured at decoder layer ``layer_idx`` (``{}``: none), computed on
+        first read from what :meth:`capture_text` kept, on the state's device.
+
+        ``text_attention``: float32 ``[B, V]``, the raters' head-averaged attention to each visual
+        token. ``key_norm``: float32 ``[B, L]``, the keys' L1 norms averaged over key/value heads.
+        """
+        pending = state.attention_inputs.pop(layer_idx, None)
+        if pending is not None:
+            stage, query, key, mask, scaling, softcap, causal = pending
+            dev = state.cur_valid.device
+            if query.device != dev:  # decoder layers spread over devices
+                query, key, mask = query.to(dev), key.to(dev), None if mask is None else mask.to(dev)
+            with torch.no_grad():
+                state.captures[layer_idx] = self.text_signal(state, stage, query, key, mask, scaling, softcap, causal)
+        return state.captures.get(layer_idx, {})
+
+    def text_signal(self, state: PromptState, stage, query, key, attention_mask, scaling, softcap,
+                    causal: bool) -> dict:
+        """The signal ``stage`` reads from one attention call over the current sequence: ``{"key_norm":
+        float32 [B, L]}`` or ``{"text_attention": float32 [B, V]}`` (see :meth:`layer_signal`).
+
+        Notes
+        -----
+        ``O(B · H · R · L · d)`` for ``R`` rater rows (:func:`~tokenprune.runtime.attention.attention_rows`).
+        """
+        if stage.relevance == "key_norm":
+            return {"key_norm": attn.key_l1_norm(key)}
+        vis = state.visual
+        rows, row_valid = self.rater_rows(state, stage.raters)
+        probs = attn.attention_rows(query, key, attention_mask, scaling, rows, softcap=softcap,
+                                    causal=causal)  # [B, R, L]
+        if row_valid is None:  # one real rater in every sample
+            return {"text_attention": vis.rows(probs[:, 0]) * vis.valid}
+        img = torch.gather(probs, 2, vis.pos[:, None, :].expand(-1, probs.shape[1], -1))  # [B, R, V]
+        img = img * vis.valid[:, None, :]
+        w = row_valid.float()
+        if stage.raters == "dynamic":
+            mass = img.sum(-1)  # [B, R]: each rater's attention to the image
+            top = mass.masked_fill(~row_valid, float("-inf")).amax(1, keepdim=True)
+            w = (row_valid & (mass >= self.plan.dynamic_threshold * top)).float()
+        return {"text_attention": (img * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)}
 
     def rater_rows(self, state: PromptState, raters: str):
-        """Query positions of the text raters in the current sequence: long ``[B, R]``, valid bool ``[B, R]``."""
+        """Query positions of the text raters in the current sequence: long ``[B, R]`` and valid bool
+        ``[B, R]``; or, for the last token of prompts without padding, its position (an int) and ``None``."""
         B, L = state.cur_valid.shape
         dev = state.cur_valid.device
+        if raters == "last_token" and not state.padded():
+            return L - 1, None
         if raters == "last_token":
             valid_pos = torch.arange(L, device=dev)[None].expand(B, -1).masked_fill(~state.cur_valid, -1)
             last = valid_pos.amax(1, keepdim=True)
@@ -227,7 +259,7 @@ class SignalCapture:
 
         The layer's own input norm, query/key projections (and query/key norms where the family has
         them) and rotary embedding at the current positions give the post-RoPE queries and keys; the
-        attention rows are then computed as for ``text_attention`` (:meth:`capture_text`: the same
+        attention rows are then computed as for ``text_attention`` (:meth:`text_signal`: the same
         raters, softmax in float32 over the keys the layer's mask allows, heads averaged). This is
         PyramidDrop's ranking (``pdrop_rank_drop`` in Cooperx521/PyramidDrop): the last instruction
         token's attention computed with the rank layer's ``input_layernorm``, ``q_proj``, ``k_proj`` and
@@ -290,12 +322,10 @@ class SignalCapture:
             if hasattr(attn_mod, "q_norm"):
                 q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
             q, k = rope(q, k, pe[0], pe[1])
-        saved = state.captures.pop(layer_idx, None)
-        call = {"scaling": getattr(attn_mod, "scaling", None),
-                "softcap": getattr(attn_mod, "attn_logit_softcapping", None)}
-        self.capture_text(state, layer_idx, stage, attn_mod, q, k, mask, call)
-        rel = state.captures.pop(layer_idx, {}).get("text_attention")
-        state.captures[layer_idx] = {**(saved or {}), "own_layer_attention": rel}
+            rel = self.text_signal(state, stage, q, k, mask, getattr(attn_mod, "scaling", None),
+                                   getattr(attn_mod, "attn_logit_softcapping", None),
+                                   bool(getattr(attn_mod, "is_causal", True)))["text_attention"]
+        state.captures[layer_idx] = {**state.captures.get(layer_idx, {}), "own_layer_attention": rel}
 
     # -- what a stage reads -----------------------------------------------------------------------
     def before_llm(self, index: int, stage, state: PromptState, ids, img, feats, kw, vision=None):
@@ -407,7 +437,7 @@ class SignalCapture:
         """
         vis = state.visual
         relevance = text_emb = text_mask = text_rel = None
-        cap = state.captures.get(layer_idx - 1, {})
+        cap = self.layer_signal(state, layer_idx - 1)
         kn = cap.get("key_norm")
         if stage.relevance == "text_attention":
             relevance = cap.get("text_attention")

@@ -77,16 +77,24 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     states or features. The result is read-only for callers (it may be a view)."""
     B, V = idx.shape
     if V and t.shape[0] in (1, B):
-        ar = torch.arange(V, device=idx.device)
-        start = idx[:1, :1]
-        if bool(((idx - start) == ar).all()):
-            s = int(start)
+        s = contiguous_run(idx)
+        if s is not None:
             out = t[:, s: s + V]
             return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
         flat = t.shape[0] == 1 and t.shape[1] == B * V
+        ar = torch.arange(V, device=idx.device)
         if flat and bool((idx == ar + V * torch.arange(B, device=idx.device)[:, None]).all()):
             return t[0].view(B, V, *t.shape[2:])  # the samples' rows one after the other (flattened features)
     return gather(t, idx, 1)
+
+
+def contiguous_run(idx: torch.Tensor) -> int | None:
+    """``s`` when every row of ``idx`` (long ``[B, V]``, ``V >= 1``) is ``s, s + 1, ..., s + V - 1``, else
+    ``None``. One device sync."""
+    start = idx[:1, :1]
+    if bool(((idx - start) == torch.arange(idx.shape[1], device=idx.device)).all()):
+        return int(start)
+    return None
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -182,6 +190,20 @@ class VisualTokens:
     dropped: torch.Tensor
     coords: torch.Tensor
     cls: torch.Tensor | None
+    #: ``start`` when every sample's visual tokens are positions ``start .. start + V - 1`` (no padding),
+    #: ``None`` when not, ``-1`` until :meth:`rows` first checks (one device sync per instance).
+    run: int | None = field(default=-1, repr=False, compare=False)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``[B or 1, L, ...]`` at the visual tokens' positions: ``[B, V, ...]`` (padding entries: any
+        row). A view of ``t`` when the visual tokens are one run at the same place in every sample (see
+        :func:`take_rows`); read-only for callers."""
+        if self.run == -1:
+            self.run = contiguous_run(self.pos)
+        if self.run is None or t.shape[0] not in (1, self.pos.shape[0]):
+            return gather(t, self.pos, 1)
+        out = t[:, self.run: self.run + self.pos.shape[1]]
+        return out if out.shape[0] == self.pos.shape[0] else out.expand(self.pos.shape[0], *out.shape[1:])
 
     def take(self, keep: torch.Tensor, new_pos: torch.Tensor) -> "VisualTokens":
         """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions."""
@@ -199,8 +221,8 @@ class VisualTokens:
 
     def to(self, device) -> "VisualTokens":
         """A copy on ``device``."""
-        return VisualTokens(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                               for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return VisualTokens(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
 
 @dataclass
@@ -243,6 +265,9 @@ class PromptState:
     layer_group: dict = field(default_factory=dict)
     #: decoder layer -> ``{signal name: float32 [B, cur_len or V]}`` captured there.
     captures: dict = field(default_factory=dict)
+    #: decoder layer -> what its attention call handed over (stage, query, key, mask, ...), until the
+    #: stage reads it (:meth:`~tokenprune.runtime.signals.SignalCapture.layer_signal`).
+    attention_inputs: dict = field(default_factory=dict)
     #: The :class:`~tokenprune.runtime.StageReport` of each stage run so far.
     stages: list = field(default_factory=list)
     #: ``(rows, cols)``: every sample's visual tokens as given are one whole patch grid, the same for all
@@ -256,8 +281,16 @@ class PromptState:
     decode_kv: int = 0
     #: The (empty) cache the prefill was given, if any.
     cache_in: object = None
+    _padded: bool | None = None
 
     _PER_TOKEN = ("llm_mask", "cur_valid", "group", "group_pos", "group_shift", "llm_pos", "next_pos", "shift")
+
+    def padded(self) -> bool:
+        """Whether a sample of the sequence has padding. Read once per prefill (one device sync): pruning
+        inside the LLM keeps every padding token, so the answer holds at every decoder layer."""
+        if self._padded is None:
+            self._padded = bool((~self.cur_valid).any())
+        return self._padded
 
     def llm_valid(self) -> torch.Tensor:
         """bool ``[B, llm_len]``: the real tokens of the sequence that entered the LLM."""
