@@ -80,8 +80,10 @@ class LayerSurgery(StagePart):
         the layer call's (the model's, for the sequence that entered the LLM) or ``None``."""
         index, stage = self.plan.llm_stages[layer_idx]
         vis = state.visual
-        with torch.no_grad():
-            space = self.adapter.final_norm(hs) if stage.feature_norm == "final_norm" else hs
+        space = hs
+        if stage.feature_norm == "final_norm":
+            with torch.no_grad():
+                space = self.adapter.final_norm(hs)
         feats = vis.rows(space)  # [B, V, D] (padding entries: any row, masked)
         relevance, text_emb, text_mask, text_rel = self.signals.in_llm(index, stage, state, layer_idx, space, feats)
         positions = None
@@ -90,10 +92,12 @@ class LayerSurgery(StagePart):
         keep_vis, repl = self.select(state, index, stage, feats, relevance, text_emb, text_mask, layer_idx,
                                      text_relevance=text_rel, positions=positions)
         B, L = state.batch_size, state.cur_len
-        drop = vis.valid & ~keep_vis
-        if repl is None and not bool(drop.any()):  # every visual token kept: the sequence stays as it is
+        report = state.stages[-1]
+        # as many visual tokens kept as there were (the kept ones are real ones): the sequence stays as it is
+        if repl is None and report.tokens_after == report.tokens_before:
             self._positions_after(stage, state, None, position_ids)
             return hs
+        drop = vis.valid & ~keep_vis
         # kept positions in the current sequence
         keep_tok = torch.ones(B, L + 1, dtype=torch.bool, device=hs.device)
         keep_tok.scatter_(1, vis.pos.masked_fill(~drop, L), False)
@@ -113,7 +117,7 @@ class LayerSurgery(StagePart):
             hs[bi, vis.pos[bi, vi]] = rows[bi, vi]
         newpos_of_old = torch.full((B, L), -1, dtype=torch.long, device=hs.device)
         newpos_of_old.scatter_(1, rel, torch.arange(Lp, device=hs.device)[None].expand(B, -1).contiguous())
-        state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
+        state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos), report.tokens_after)
         if Lp != L:  # else every token was kept: the gathers below would be copies
             hs = gather(hs, rel, 1)
             state.group = rel if state.group is None else torch.gather(state.group, 1, rel)

@@ -212,7 +212,8 @@ class PrefillRewriter(StagePart):
         known = img_col >= 0
         first = img_col.masked_fill(~known, 1 << 30).amin(1, keepdim=True)
         img_col.sub_(torch.where(known, first, 0))
-        if bool(layout.newline.any()):
+        marked = bool(layout.newline.any())
+        if marked:
             newline = layout.newline[rows].to(dev) & valid
             protected = newline if self.plan.newlines == "keep" else torch.zeros_like(newline)
             dropped = newline if self.plan.newlines == "drop" else torch.zeros_like(newline)
@@ -221,7 +222,7 @@ class PrefillRewriter(StagePart):
             dropped = torch.zeros_like(protected)
         cls = None if layout.cls is None else layout.cls[rows].to(dev).masked_fill_(~valid, 0.0)
         return VisualTokens(pos=pos, valid=valid, orig=orig, protected=protected, dropped=dropped,
-                            coords=coords, cls=cls), flat_idx
+                            coords=coords, cls=cls, marked=marked, known_counts=list(n_visual)), flat_idx
 
     @staticmethod
     def _single_grid(layout, counts: list):
@@ -270,8 +271,9 @@ class PrefillRewriter(StagePart):
         B, L = ids.shape
         dev = ids.device
 
-        ad.check_pre_llm(as_list(keep_vis.sum(1)))
-        if repl is None and not bool((keep_vis != vis.valid).any()):
+        counts = as_list(keep_vis.sum(1))
+        ad.check_pre_llm(counts)
+        if repl is None and counts == vis.counts():  # (kept visual tokens are real ones)
             state.pre_changed = False  # every visual token kept: the call and the visual tokens stay as they are
             return new
         kept_img = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
@@ -291,8 +293,8 @@ class PrefillRewriter(StagePart):
         newpos_of_old = torch.full((B, L + 1), -1, dtype=torch.long, device=dev)
         newpos_of_old.scatter_(1, idx.masked_fill(idx < 0, L), torch.arange(Lp, device=dev)[None].expand(B, -1))
         newpos_of_old = newpos_of_old[:, :L]
-        state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos))
-        state.counts_after_pre = state.visual.counts()
+        state.visual = vis.take(keep_vis, torch.gather(newpos_of_old, 1, vis.pos), counts)
+        state.counts_after_pre = counts
 
         new["input_ids"] = gather(ids, idx, 1, ad.pad_token_id)
         if am is not None or bool((idx < 0).any()):

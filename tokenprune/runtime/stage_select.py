@@ -64,13 +64,15 @@ class StageSelection:
             An int budget above the candidates an earlier stage left.
         """
         vis = state.visual
-        cand = vis.valid & ~vis.protected & ~vis.dropped
+        if vis.marked:
+            cand = vis.valid & ~(vis.protected | vis.dropped)
+            n_list = cand.sum(1).tolist()
+            keep = vis.valid & vis.protected
+        else:  # nothing protected or dropped: every real visual token is a candidate
+            cand, n_list, keep = vis.valid, vis.counts(), None
         B = cand.shape[0]
-        n = cand.sum(1)
-        n_list = n.tolist()
         first = not state.stages
         t0 = time.perf_counter()
-        keep = vis.valid & vis.protected
         repl = None
         budget = stage.budget
         rows_with = [b for b, c in enumerate(n_list) if c > 0]
@@ -108,11 +110,12 @@ class StageSelection:
                 sel = stage.selector.select(stage.objective, ctx, budget)
             picked = sel.indices if cidx is None else torch.gather(cidx, 1, sel.indices.clamp_min(0))
             picked = picked.masked_fill(~sel.valid, V)  # holes land in the extra column of hit
-            hit = torch.zeros(picked.shape[0], V + 1, dtype=torch.bool, device=keep.device)
+            hit = torch.zeros(picked.shape[0], V + 1, dtype=torch.bool, device=vis.valid.device)
             hit.scatter_(1, picked, True)
             if isinstance(sub, slice):
-                keep |= hit[:, :V]
+                keep = hit[:, :V] if keep is None else keep | hit[:, :V]
             else:
+                keep = torch.zeros_like(vis.valid) if keep is None else keep
                 keep[sub] |= hit[:, :V]
             if sel.features is not None:
                 rows = torch.arange(B, device=picked.device) if isinstance(sub, slice) else sub.to(picked.device)
@@ -123,7 +126,7 @@ class StageSelection:
         if first and rows_with and not budget.is_fraction and budget.value >= most:
             self.report.note(f"stage {index} keeps {budget.value} tokens, at least as many as there are "
                              f"({most}): it kept them all")
-        kept_vis = keep & vis.valid
+        kept_vis = torch.zeros_like(vis.valid) if keep is None else keep & vis.valid
         state.stages.append(self._stage_report(vis, index, layer, budget, relevance, cand, kept_vis, ms))
         return kept_vis, repl
 
@@ -144,10 +147,14 @@ class StageSelection:
         """The report of one stage: counts now, and the kept original indices and coordinates and the
         scores it saw when first read (from the stage's tensors, which the runtime replaces and never
         writes into)."""
-        before, after, protected = torch.stack([vis.valid.sum(1), kept_vis.sum(1),
-                                                (vis.protected & kept_vis).sum(1)]).tolist()
+        before = vis.counts()
+        if vis.marked:
+            after, protected = torch.stack([kept_vis.sum(1), (vis.protected & kept_vis).sum(1)]).tolist()
+            chosen = kept_vis & ~vis.protected
+        else:
+            after, protected, chosen = kept_vis.sum(1).tolist(), [0] * len(before), kept_vis
         n_orig = list(self.report.visual_tokens) + [0] * max(0, len(before) - len(self.report.visual_tokens))
-        orig, coords, chosen = vis.orig, vis.coords, kept_vis & ~vis.protected
+        orig, coords = vis.orig, vis.coords
         rel = None if relevance is None else relevance.detach()
 
         def per_sample():

@@ -190,6 +190,11 @@ class VisualTokens:
     dropped: torch.Tensor
     coords: torch.Tensor
     cls: torch.Tensor | None
+    #: Some entry may be protected or dropped (``False``: known to be none, so every real visual token
+    #: is a candidate).
+    marked: bool = True
+    #: :meth:`counts`, when known without reading ``valid`` (``None``: read on first call).
+    known_counts: list | None = field(default=None, repr=False, compare=False)
     #: ``start`` when every sample's visual tokens are positions ``start .. start + V - 1`` (no padding),
     #: ``None`` when not, ``-1`` until :meth:`rows` first checks (one device sync per instance).
     run: int | None = field(default=-1, repr=False, compare=False)
@@ -205,19 +210,23 @@ class VisualTokens:
         out = t[:, self.run: self.run + self.pos.shape[1]]
         return out if out.shape[0] == self.pos.shape[0] else out.expand(self.pos.shape[0], *out.shape[1:])
 
-    def take(self, keep: torch.Tensor, new_pos: torch.Tensor) -> "VisualTokens":
-        """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions."""
+    def take(self, keep: torch.Tensor, new_pos: torch.Tensor, counts: list | None = None) -> "VisualTokens":
+        """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions;
+        ``counts``: the kept entries per sample, if known."""
         idx = true_positions(keep)
         valid = idx >= 0
         g = lambda t, fill=0: gather(t, idx, 1, fill)  # noqa: E731
         coords = gather(self.coords, idx, 1, -1) if idx.numel() else self.coords[:, :0]
         return VisualTokens(pos=g(new_pos), valid=valid, orig=g(self.orig, -1),
                             protected=g(self.protected, False) & valid, dropped=torch.zeros_like(valid),
-                            coords=coords, cls=None if self.cls is None else g(self.cls, 0.0))
+                            coords=coords, cls=None if self.cls is None else g(self.cls, 0.0), marked=self.marked,
+                            known_counts=None if counts is None else list(counts))
 
     def counts(self) -> list:
-        """Visual tokens per sample."""
-        return as_list(self.valid.sum(1))
+        """Visual tokens per sample (read once per instance)."""
+        if self.known_counts is None:
+            self.known_counts = as_list(self.valid.sum(1))
+        return list(self.known_counts)
 
     def to(self, device) -> "VisualTokens":
         """A copy on ``device``."""
