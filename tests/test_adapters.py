@@ -258,6 +258,27 @@ def test_text_attention_rows_equal_eager(raters):
     torch.testing.assert_close(scores, ref.float(), atol=1e-6, rtol=1e-5)
 
 
+def test_text_attention_of_a_left_padded_batch_equals_eager():
+    """Two prompts of different lengths, left-padded (the raters' rows read per sample, not as one
+    shared position): each sample's last-token row equals eager attention at layer k - 1."""
+    t = tiny("llava")
+    m = t.model
+    inputs = t.inputs(["What is shown in this image?", "Describe it."])
+    assert bool((inputs["attention_mask"] == 0).any())
+    image_token_id = get_model_adapter(m).image_token_id
+    with prune(m, method("llava", mid=1.0, layer=2)) as report, torch.no_grad():
+        m(**inputs)
+    m.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = m(**inputs, output_attentions=True).attentions[1].mean(1)  # [B, L, L]
+    finally:
+        m.set_attn_implementation("sdpa")
+    for b in range(2):
+        img = (inputs["input_ids"][b] == image_token_id).nonzero().flatten()
+        torch.testing.assert_close(report.stages[0].scores[b], att[b, -1, img].float(), atol=1e-6, rtol=1e-5)
+
+
 def test_cls_attention_equals_eager():
     t = tiny("llava")
     m, inputs = t.model, t.inputs()

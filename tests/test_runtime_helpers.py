@@ -137,3 +137,91 @@ def test_a_stage_that_keeps_every_token_leaves_the_call_as_it_is(method):
             out = model(**inputs).logits
     assert torch.equal(out, ref)
     assert report.tokens_per_layer == [max(report.visual_tokens)] * report.depth
+
+
+@st.composite
+def attention_cases(draw):
+    B, Hkv, group, L, d = (draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(1, 2)),
+                           draw(st.integers(1, 9)), draw(st.sampled_from([2, 4])))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    query = torch.randn(B, Hkv * group, L, d, generator=gen)
+    key = torch.randn(B, Hkv, L, d, generator=gen)
+    kind = draw(st.sampled_from(["causal", "none", "bool", "float"]))
+    mask = None
+    if kind in ("bool", "float"):
+        allowed = torch.rand(draw(st.sampled_from([1, B])), 1, L, L, generator=gen) > 0.3
+        mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    row = draw(st.integers(0, L - 1))
+    return query, key, mask, kind == "causal", row
+
+
+@given(attention_cases())
+def test_attention_rows_of_one_row_equal_the_gathered_row(case):
+    """``rows`` given as one position (views of the query and the mask) and as a ``[B, 1]`` tensor (the
+    gather) give the same probabilities bit for bit: causal or not without a mask, bool or additive
+    masks, grouped-query keys, rows that allow no key."""
+    from tokenprune.runtime.attention import attention_rows
+
+    query, key, mask, causal, row = case
+    as_int = attention_rows(query, key, mask, None, row, causal=causal)
+    as_tensor = attention_rows(query, key, mask, None, torch.full((query.shape[0], 1), row), causal=causal)
+    assert as_int.shape == (query.shape[0], 1, key.shape[2]) and as_int.dtype == torch.float32
+    assert torch.equal(as_int, as_tensor)
+
+
+@given(st.integers(1, 4), st.integers(2, 9), st.data())
+def test_visual_tokens_rows_equal_gather_and_the_run_is_read_once(B, L, data):
+    """``VisualTokens.rows``: gather's values, a view of the hidden states when every sample's visual
+    tokens are one run of positions at the same place (``run``, found on first use)."""
+    from tokenprune.runtime.state import VisualTokens
+
+    V = data.draw(st.integers(1, L))
+    start = data.draw(st.integers(0, L - V))
+    run = (torch.arange(V) + start)[None].repeat(B, 1)
+    other = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, L - 1), min_size=V, max_size=V),
+                                            min_size=B, max_size=B)), dtype=torch.long).view(B, V)
+    t = torch.randn(B, L, 3)
+    ones = torch.ones(B, V, dtype=torch.bool)
+    for pos in (run, other):
+        rows = pos.tolist()
+        expected = rows[0][0] if all(r == list(range(rows[0][0], rows[0][0] + V)) for r in rows) else None
+        vis = VisualTokens(pos=pos, valid=ones, orig=pos, protected=~ones, dropped=~ones,
+                           coords=torch.zeros(B, V, 4, dtype=torch.long), cls=None)
+        assert vis.run == -1
+        out = vis.rows(t)
+        assert vis.run == expected
+        assert torch.equal(out, gather(t, pos, 1)) and torch.equal(vis.rows(t[..., 0]), gather(t[..., 0], pos, 1))
+        if expected is not None:
+            assert out.data_ptr() == t[:, expected:].data_ptr()
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", 5), ("fastv", 10_000), ("divprune", 5), ("dart", 5)])
+def test_the_unmarked_fast_path_equals_the_general_one(monkeypatch, method, budget):
+    """Visual tokens known to have nothing protected or dropped (every real one a candidate, counts
+    known) select, report and run exactly as when the runtime reads the masks."""
+    from tokenprune.runtime.prefill import PrefillRewriter
+
+    model, inputs = tiny_batch()
+
+    def run():
+        with torch.no_grad(), tp.prune(model, method, budget=budget) as report:
+            logits = model(**inputs).logits
+        return logits, [(s.tokens_before, s.tokens_after, s.protected, s.kept, s.scores) for s in report.stages]
+
+    fast = run()
+    original = PrefillRewriter._initial_visual
+
+    def marked(self, *args):
+        vis, flat_idx = original(self, *args)
+        assert not vis.marked  # the tiny LLaVA has no newline tokens
+        vis.marked, vis.known_counts = True, None
+        return vis, flat_idx
+
+    monkeypatch.setattr(PrefillRewriter, "_initial_visual", marked)
+    general = run()
+    assert torch.equal(fast[0], general[0])
+    for a, b in zip(fast[1], general[1]):
+        assert a[:3] == b[:3]
+        assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+        for x, y in zip(a[4], b[4]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)

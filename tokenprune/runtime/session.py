@@ -246,6 +246,7 @@ class PruneSession:
         if pkv is None:
             pkv = state.cache_in
         state.cache_in = None
+        state.attention_inputs.clear()  # layer k - 1's query and keys: not kept for decoding
         if pkv is not None:
             for key in [k for k, (ref, _) in self._states.items() if ref() is None]:
                 del self._states[key]

@@ -4,9 +4,10 @@
   without [CLS], the mean attention each patch receives) at the feature layer, and a
   :class:`~tokenprune.adapters.VisionRecord` of the call's image kwargs, matched to the features later
   by the identity of the output object.
-* Text side, during the prefill, at decoder layer ``k - 1`` of a stage at layer ``k``: the text
+* Text side, during the prefill, from decoder layer ``k - 1`` of a stage at layer ``k``: the text
   raters' head-averaged attention to the visual tokens (``text_attention``) or the keys' L1 norms
-  (``key_norm``), from the post-RoPE queries and keys the attention wrapper hands over.
+  (``key_norm``), from the post-RoPE queries and keys the attention wrapper hands over there,
+  computed when the stage at ``k`` reads them.
 * On demand, when a stage runs: the prompt's text embeddings (input embeddings before the LLM,
   hidden states inside it) and the text-similarity relevance computed from them.
 """
