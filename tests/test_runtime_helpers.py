@@ -171,15 +171,15 @@ def test_attention_rows_of_one_row_equal_the_gathered_row(case):
 
 @given(st.integers(1, 4), st.integers(2, 9), st.data())
 def test_visual_tokens_rows_equal_gather_and_the_run_is_read_once(B, L, data):
-    """``VisualTokens.rows``: gather's values, a view of the hidden states when every sample's visual
-    tokens are one run of positions at the same place (``run``, found on first use)."""
+    """``VisualTokens.rows`` over ascending positions: gather's values, a view of the hidden states when
+    every sample's visual tokens are one run of positions at the same place (``run``, found on first use)."""
     from tokenprune.runtime.state import VisualTokens
 
     V = data.draw(st.integers(1, L))
     start = data.draw(st.integers(0, L - V))
     run = (torch.arange(V) + start)[None].repeat(B, 1)
-    other = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, L - 1), min_size=V, max_size=V),
-                                            min_size=B, max_size=B)), dtype=torch.long).view(B, V)
+    ascending = st.lists(st.integers(0, L - 1), min_size=V, max_size=V, unique=True).map(sorted)
+    other = torch.tensor(data.draw(st.lists(ascending, min_size=B, max_size=B)), dtype=torch.long).view(B, V)
     t = torch.randn(B, L, 3)
     ones = torch.ones(B, V, dtype=torch.bool)
     for pos in (run, other):
@@ -225,3 +225,15 @@ def test_the_unmarked_fast_path_equals_the_general_one(monkeypatch, method, budg
         assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
         for x, y in zip(a[4], b[4]):
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+def test_visual_tokens_rows_of_a_padded_batch_are_gathered():
+    """A sample with fewer visual tokens (padding at the end of its row, position 0) is not a run."""
+    from tokenprune.runtime.state import VisualTokens
+
+    pos = torch.tensor([[3, 4, 5], [3, 4, 0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    vis = VisualTokens(pos=pos, valid=valid, orig=pos, protected=~valid & False, dropped=~valid & False,
+                       coords=torch.zeros(2, 3, 4, dtype=torch.long), cls=None)
+    t = torch.randn(2, 7, 3)
+    assert torch.equal(vis.rows(t), gather(t, pos, 1)) and vis.run is None

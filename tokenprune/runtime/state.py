@@ -77,24 +77,16 @@ def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     states or features. The result is read-only for callers (it may be a view)."""
     B, V = idx.shape
     if V and t.shape[0] in (1, B):
-        s = contiguous_run(idx)
-        if s is not None:
+        ar = torch.arange(V, device=idx.device)
+        start = idx[:1, :1]
+        if bool(((idx - start) == ar).all()):
+            s = int(start)
             out = t[:, s: s + V]
             return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
         flat = t.shape[0] == 1 and t.shape[1] == B * V
-        ar = torch.arange(V, device=idx.device)
         if flat and bool((idx == ar + V * torch.arange(B, device=idx.device)[:, None]).all()):
             return t[0].view(B, V, *t.shape[2:])  # the samples' rows one after the other (flattened features)
     return gather(t, idx, 1)
-
-
-def contiguous_run(idx: torch.Tensor) -> int | None:
-    """``s`` when every row of ``idx`` (long ``[B, V]``, ``V >= 1``) is ``s, s + 1, ..., s + V - 1``, else
-    ``None``. One device sync."""
-    start = idx[:1, :1]
-    if bool(((idx - start) == torch.arange(idx.shape[1], device=idx.device)).all()):
-        return int(start)
-    return None
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -168,7 +160,7 @@ class VisualTokens:
     Attributes
     ----------
     pos : torch.Tensor
-        long ``[B, V]``: positions in the current sequence (ascending in each row).
+        long ``[B, V]``: positions in the current sequence, ascending in each row, then 0 at padding.
     valid : torch.Tensor
         bool ``[B, V]``: real entries (the rest is padding).
     orig : torch.Tensor
@@ -195,16 +187,19 @@ class VisualTokens:
     marked: bool = True
     #: :meth:`counts`, when known without reading ``valid`` (``None``: read on first call).
     known_counts: list | None = field(default=None, repr=False, compare=False)
-    #: ``start`` when every sample's visual tokens are positions ``start .. start + V - 1`` (no padding),
-    #: ``None`` when not, ``-1`` until :meth:`rows` first checks (one device sync per instance).
+    #: ``start`` when every sample's visual tokens are positions ``start .. start + V - 1``, ``None``
+    #: when not, ``-1`` until :meth:`rows` first checks (one device sync per instance).
     run: int | None = field(default=-1, repr=False, compare=False)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` ``[B or 1, L, ...]`` at the visual tokens' positions: ``[B, V, ...]`` (padding entries: any
         row). A view of ``t`` when the visual tokens are one run at the same place in every sample (see
         :func:`take_rows`); read-only for callers."""
-        if self.run == -1:
-            self.run = contiguous_run(self.pos)
+        if self.run == -1:  # rows ascend and padding sits at their end: first and last entries decide
+            V = self.pos.shape[1]
+            ends = self.pos[:, [0, -1]].tolist() if V else []
+            s = ends[0][0] if ends else None
+            self.run = s if ends and all(a == s and b - a == V - 1 for a, b in ends) else None
         if self.run is None or t.shape[0] not in (1, self.pos.shape[0]):
             return gather(t, self.pos, 1)
         out = t[:, self.run: self.run + self.pos.shape[1]]
@@ -298,7 +293,7 @@ class PromptState:
         """Whether a sample of the sequence has padding. Read once per prefill (one device sync): pruning
         inside the LLM keeps every padding token, so the answer holds at every decoder layer."""
         if self._padded is None:
-            self._padded = bool((~self.cur_valid).any())
+            self._padded = not bool(self.cur_valid.all())
         return self._padded
 
     def llm_valid(self) -> torch.Tensor:
