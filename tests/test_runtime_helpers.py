@@ -237,3 +237,27 @@ def test_visual_tokens_rows_of_a_padded_batch_are_gathered():
                        coords=torch.zeros(2, 3, 4, dtype=torch.long), cls=None)
     t = torch.randn(2, 7, 3)
     assert torch.equal(vis.rows(t), gather(t, pos, 1)) and vis.run is None
+
+
+def test_the_query_handed_over_for_an_attention_signal_is_not_kept_for_decoding(monkeypatch):
+    """Layer k - 1's query lives until the stage at k reads it, not with the prompt's state (which the
+    context keeps, with the KV cache, for decoding)."""
+    import gc
+    import weakref
+
+    from tokenprune.runtime.signals import SignalCapture
+
+    model, inputs = tiny_batch()
+    seen = []
+    original = SignalCapture.capture_text
+
+    def capture_text(self, state, layer_idx, stage, module, query, key, attention_mask, kwargs):
+        seen.append(weakref.ref(query))
+        return original(self, state, layer_idx, stage, module, query, key, attention_mask, kwargs)
+
+    monkeypatch.setattr(SignalCapture, "capture_text", capture_text)
+    with torch.no_grad(), tp.prune(model, "fastv", budget=5):
+        out = model(**inputs, use_cache=True)
+        gc.collect()
+        assert out.past_key_values is not None and len(seen) == 1
+        assert seen[0]() is None
