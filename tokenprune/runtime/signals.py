@@ -182,10 +182,13 @@ class SignalCapture:
         model's layers instead of two (on a CPU the first small operations after the model's matrix
         products cost tens of microseconds each, see ``benchmarks/bench_cold_op.py``); the price is
         that layer ``k - 1``'s query (``[B, H, L, d]``, the size of the hidden states) lives until
-        layer ``k`` starts. Calls whose length is not the current prefill's (another forward) are ignored.
+        layer ``k`` starts (a ``key_norm`` stage keeps only the keys, which the KV cache holds anyway).
+        Calls whose length is not the current prefill's (another forward) are ignored.
         """
         if query.shape[2] != state.cur_len or key.shape[2] != state.cur_len:
             return
+        if stage.relevance == "key_norm":  # reads the keys only: the query is not kept
+            query = attention_mask = None
         state.attention_inputs[layer_idx] = (stage, query, key, attention_mask, kwargs.get("scaling"),
                                              kwargs.get("softcap"), bool(getattr(module, "is_causal", True)))
 
@@ -200,8 +203,8 @@ class SignalCapture:
         if pending is not None:
             stage, query, key, mask, scaling, softcap, causal = pending
             dev = state.cur_valid.device
-            if query.device != dev:  # decoder layers spread over devices
-                query, key, mask = query.to(dev), key.to(dev), None if mask is None else mask.to(dev)
+            if key.device != dev:  # decoder layers spread over devices
+                query, key, mask = (None if t is None else t.to(dev) for t in (query, key, mask))
             with torch.no_grad():
                 state.captures[layer_idx] = self.text_signal(state, stage, query, key, mask, scaling, softcap, causal)
         return state.captures.get(layer_idx, {})
