@@ -28,7 +28,8 @@ runtime's overhead outside selection.
 Where the runtime's time goes (:class:`PhaseTimer`): ``--profile-runs`` keep-all prefills (a quarter
 of them, at least 3, above batch 1) with the runtime's functions timed by phase (visual tokens and
 layout, signal capture, input rewrite, stage bookkeeping, selection, layer gathers, report),
-exclusive wall time per prefill, the model's own work left out.
+exclusive wall time per prefill, each phase's median over the profiled prefills (totals add the
+medians), the model's own work left out.
 
 Models: ``testbed`` (the bundled checkpoint, 196 visual tokens) and ``llava-tiny`` (bench_e2e's
 ``tiny`` LLaVA-1.5-shaped random model, 64 visual tokens); ``llava-cpu`` (the 173 M-parameter
@@ -197,15 +198,19 @@ class PhaseTimer:
 
 
 def runtime_profile(model, inputs, method, runs: int) -> dict:
-    """Exclusive wall time per runtime phase, ms per prefill, over ``runs`` prefills (after one
-    untimed prefill); the model's own work (``"model"``) is left out."""
+    """Exclusive wall time per runtime phase, ms per prefill: each phase's median over ``runs`` prefills
+    (after one untimed prefill), so that one page-faulting call does not move it; the model's own work
+    (``"model"``) is left out."""
+    per_run = []
     with PhaseTimer(model) as timer, torch.no_grad(), tp.prune(model, method):
         model(**inputs, logits_to_keep=1)
-        timer.totals.clear()
         for _ in range(runs):
+            timer.totals.clear()
             model(**inputs, logits_to_keep=1)
-    timer.totals.pop("model", None)
-    return {k: v * 1e3 / runs for k, v in sorted(timer.totals.items(), key=lambda kv: -kv[1])}
+            per_run.append(dict(timer.totals))
+    phases = {k for run in per_run for k in run} - {"model"}
+    medians = {k: statistics.median(run.get(k, 0.0) for run in per_run) * 1e3 for k in phases}
+    return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
 
 
 def phase_split(phases: dict) -> dict:
