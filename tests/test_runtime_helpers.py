@@ -61,14 +61,15 @@ def test_gather_equals_the_per_sample_reference(case):
 
 @given(st.integers(1, 4), st.integers(1, 9), st.integers(0, 3), st.booleans(), st.data())
 def test_take_rows_equals_gather(B, L, D, batch_one, data):
-    """Consecutive runs at one offset (the view) and any other rows (the gather) give gather's values."""
+    """Consecutive runs at one offset (the view) and any other rows, holes (-1) included (the gather),
+    give gather's values."""
     t = torch.randn(1 if batch_one else B, L, *([D] if D else []))
     V = data.draw(st.integers(0, L))
     if data.draw(st.booleans()):
         start = data.draw(st.integers(0, L - V))
         idx = (torch.arange(V) + start)[None].repeat(B, 1)
     else:
-        idx = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, L - 1), min_size=V, max_size=V),
+        idx = torch.tensor(data.draw(st.lists(st.lists(st.integers(-1, L - 1), min_size=V, max_size=V),
                                               min_size=B, max_size=B)), dtype=torch.long).view(B, V)
     out = take_rows(t, idx)
     assert out.shape == (B, V, *t.shape[2:]) and torch.equal(out, gather(t, idx, 1))

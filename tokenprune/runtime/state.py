@@ -70,23 +70,27 @@ def gather(t: torch.Tensor, idx: torch.Tensor, dim: int, fill=0) -> torch.Tensor
 
 
 def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``[B or 1, L, ...]`` at the rows ``idx`` (long ``[B, V]``, no holes): ``gather(t, idx, 1)``,
-    as a view of ``t`` when every sample takes the same run of consecutive rows (one image at the same
-    place in every prompt: always at batch 1) or, for ``t`` ``[1, B * V, ...]``, sample ``b`` rows
-    ``b * V .. b * V + V - 1`` (flattened features, as many per sample): no copy of ``[B, V, D]`` hidden
-    states or features. The result is read-only for callers (it may be a view)."""
+    """``t`` ``[B or 1, L, ...]`` at the rows ``idx`` (long ``[B, V]``; ``-1`` holes give rows of 0):
+    ``gather(t, idx, 1)``, as a view of ``t`` when every sample takes the same run of consecutive rows
+    (one image at the same place in every prompt: always at batch 1) or, for ``t`` ``[1, B * V, ...]``,
+    sample ``b`` rows ``b * V .. b * V + V - 1`` (flattened features, as many per sample): no copy of
+    ``[B, V, D]`` hidden states or features. The result is read-only for callers (it may be a view)."""
     B, V = idx.shape
     if V and t.shape[0] in (1, B):
         ar = torch.arange(V, device=idx.device)
         start = idx[:1, :1]
-        if bool(((idx - start) == ar).all()):
-            s = int(start)
-            out = t[:, s: s + V]
-            return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
+        if bool(((idx - start) == ar).all()) and int(start) >= 0:  # (-1, 0, 1, ...: a hole, not a run)
+            return run_view(t, int(start), B, V)
         flat = t.shape[0] == 1 and t.shape[1] == B * V
         if flat and bool((idx == ar + V * torch.arange(B, device=idx.device)[:, None]).all()):
             return t[0].view(B, V, *t.shape[2:])  # the samples' rows one after the other (flattened features)
     return gather(t, idx, 1)
+
+
+def run_view(t: torch.Tensor, start: int, B: int, V: int) -> torch.Tensor:
+    """``t[:, start : start + V]`` (``t`` ``[B or 1, L, ...]``) as a ``[B, V, ...]`` view."""
+    out = t[:, start: start + V]
+    return out if out.shape[0] == B else out.expand(B, *out.shape[1:])
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -200,10 +204,10 @@ class VisualTokens:
             ends = self.pos[:, [0, -1]].tolist() if V else []
             s = ends[0][0] if ends else None
             self.run = s if ends and all(a == s and b - a == V - 1 for a, b in ends) else None
-        if self.run is None or t.shape[0] not in (1, self.pos.shape[0]):
+        B, V = self.pos.shape
+        if self.run is None or t.shape[0] not in (1, B):
             return gather(t, self.pos, 1)
-        out = t[:, self.run: self.run + self.pos.shape[1]]
-        return out if out.shape[0] == self.pos.shape[0] else out.expand(self.pos.shape[0], *out.shape[1:])
+        return run_view(t, self.run, B, V)
 
     def take(self, keep: torch.Tensor, new_pos: torch.Tensor, counts: list | None = None) -> "VisualTokens":
         """Keep entries ``keep`` (bool ``[B, V]``); ``new_pos`` (long ``[B, V]``) are their new positions;
