@@ -131,9 +131,9 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask, scali
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if attention_mask is None:  # every row allows its first key: no empty row
-        last = rows if isinstance(rows, int) else None
-        if causal and (last is None or last < Lk - 1):
-            limit = last if last is not None else rows[:, None, :, None]
+        one = isinstance(rows, int)
+        if causal and not (one and rows >= Lk - 1):  # (a last row sees every key)
+            limit = rows if one else rows[:, None, :, None]
             logits = logits.masked_fill(torch.arange(Lk, device=query.device)[None, None, None, :] > limit,
                                         float("-inf"))
         return torch.softmax(logits, dim=-1).mean(1)

@@ -67,9 +67,9 @@ class StageSelection:
         if vis.marked:
             cand = vis.valid & ~(vis.protected | vis.dropped)
             n_list = cand.sum(1).tolist()
-            keep = vis.valid & vis.protected
         else:  # nothing protected or dropped: every real visual token is a candidate
-            cand, n_list, keep = vis.valid, vis.counts(), None
+            cand, n_list = vis.valid, vis.counts()
+        chosen = None  # bool [B, V]: the selection's picks
         B = cand.shape[0]
         first = not state.stages
         t0 = time.perf_counter()
@@ -113,10 +113,10 @@ class StageSelection:
             hit = torch.zeros(picked.shape[0], V + 1, dtype=torch.bool, device=vis.valid.device)
             hit.scatter_(1, picked, True)
             if isinstance(sub, slice):
-                keep = hit[:, :V] if keep is None else keep | hit[:, :V]
+                chosen = hit[:, :V]
             else:
-                keep = torch.zeros_like(vis.valid) if keep is None else keep
-                keep[sub] |= hit[:, :V]
+                chosen = torch.zeros_like(vis.valid)
+                chosen[sub] = hit[:, :V]
             if sel.features is not None:
                 rows = torch.arange(B, device=picked.device) if isinstance(sub, slice) else sub.to(picked.device)
                 repl = self._replacement(vis, rows, picked, sel)
@@ -126,8 +126,9 @@ class StageSelection:
         if first and rows_with and not budget.is_fraction and budget.value >= most:
             self.report.note(f"stage {index} keeps {budget.value} tokens, at least as many as there are "
                              f"({most}): it kept them all")
-        kept_vis = torch.zeros_like(vis.valid) if keep is None else keep & vis.valid
-        state.stages.append(self._stage_report(vis, index, layer, budget, relevance, cand, kept_vis, ms))
+        chosen = torch.zeros_like(vis.valid) if chosen is None else chosen & vis.valid
+        kept_vis = chosen | (vis.valid & vis.protected) if vis.marked else chosen
+        state.stages.append(self._stage_report(vis, index, layer, budget, relevance, cand, kept_vis, chosen, ms))
         return kept_vis, repl
 
     @staticmethod
@@ -143,16 +144,15 @@ class StageSelection:
         has[rows, cols] = True
         return repl, has
 
-    def _stage_report(self, vis, index, layer, budget, relevance, cand, kept_vis, ms) -> StageReport:
+    def _stage_report(self, vis, index, layer, budget, relevance, cand, kept_vis, chosen, ms) -> StageReport:
         """The report of one stage: counts now, and the kept original indices and coordinates and the
         scores it saw when first read (from the stage's tensors, which the runtime replaces and never
-        writes into)."""
+        writes into). ``chosen``: the kept visual tokens the selection picked (the protected ones aside)."""
         before = vis.counts()
         if vis.marked:
             after, protected = torch.stack([kept_vis.sum(1), (vis.protected & kept_vis).sum(1)]).tolist()
-            chosen = kept_vis & ~vis.protected
         else:
-            after, protected, chosen = kept_vis.sum(1).tolist(), [0] * len(before), kept_vis
+            after, protected = kept_vis.sum(1).tolist(), [0] * len(before)
         n_orig = list(self.report.visual_tokens) + [0] * max(0, len(before) - len(self.report.visual_tokens))
         orig, coords = vis.orig, vis.coords
         rel = None if relevance is None else relevance.detach()
